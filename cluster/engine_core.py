@@ -1,0 +1,143 @@
+"""EngineCore: the step loop over one or more replicas, each a Scheduler plus an executor.
+
+The in-process engine runs it directly; the Ray SchedulerActor hosts the same object with Ray
+executors. One iteration = one forward pass on every replica, all replicas stepping at once.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scheduler.errors import EngineDeadError, InvalidRequestError
+from scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from scheduler.sampling_params import SamplingParams
+from scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class StepHandle(Protocol):
+    def result(self) -> ModelRunnerOutput: ...
+
+
+class Executor(Protocol):
+    """Runs one replica's steps: in-process, or on its Ray worker actors."""
+
+    def submit(self, step: SchedulerOutput) -> StepHandle: ...
+
+    def shutdown(self) -> None: ...
+
+
+class ReplicaDiedError(RuntimeError):
+    """An executor lost a worker; the replica's sequences must move elsewhere."""
+
+
+@dataclass
+class Replica:
+    replica_id: int
+    scheduler: Scheduler
+    executor: Executor | None
+    restarts: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.executor is not None
+
+
+@dataclass
+class _Placement:
+    replica_id: int
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int
+
+
+@dataclass
+class EngineCore:
+    replicas: list[Replica]
+    placements: dict[str, int] = field(default_factory=dict)  # request id -> replica id
+    pending: list = field(default_factory=list)  # drained work waiting for a live replica
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        if req_id in self.placements:
+            raise InvalidRequestError("request_id", f"{req_id!r} is already running; ids must be unique")
+        replica = self._place(prompt_token_ids)
+        replica.scheduler.add_request(req_id, prompt_token_ids, sampling_params, priority, arrival_time)
+        self.placements[req_id] = replica.replica_id
+
+    def _place(self, prompt_token_ids: list[int]) -> Replica:
+        """Most prefix-cache hits first, then least loaded; dead replicas still queue work."""
+        candidates = [r for r in self.replicas if r.live] or self.replicas
+        if len(candidates) == 1:
+            return candidates[0]
+
+        def score(r: Replica):
+            stats = r.scheduler.get_stats()
+            return (r.scheduler.num_cached_prefix_tokens(prompt_token_ids),
+                    -(stats.num_running + stats.num_waiting))
+
+        return max(candidates, key=score)
+
+    def abort(self, req_id: str) -> list[EngineCoreOutput]:
+        """Abort now, blocks freed; returns the final "abort" outputs of its unfinished siblings."""
+        replica_id = self.placements.pop(req_id, None)
+        if replica_id is None:
+            return []
+        return self.replicas[replica_id].scheduler.abort_requests([req_id])
+
+    def finish(self, req_id: str, index: int, stop_reason: str) -> None:
+        replica_id = self.placements.get(req_id)
+        if replica_id is not None:
+            self.replicas[replica_id].scheduler.finish_request(req_id, index, stop_reason)
+            if self._all_finished(req_id):  # no output follows a frontend stop: release the id here
+                self.placements.pop(req_id, None)
+
+    def has_unfinished(self) -> bool:
+        return any(r.scheduler.has_unfinished_requests() for r in self.replicas)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule every live replica, run them concurrently, collect their outputs."""
+        if not any(r.live for r in self.replicas):
+            raise EngineDeadError("no replica is live")
+        running = []
+        for replica in self.replicas:
+            if replica.live and replica.scheduler.has_unfinished_requests():
+                step = replica.scheduler.schedule()
+                running.append((replica, step, replica.executor.submit(step)))
+        outputs: list[EngineCoreOutput] = []
+        for replica, step, handle in running:
+            try:
+                result = handle.result()
+            except ReplicaDiedError:
+                logger.exception("replica %d lost a worker; moving its sequences", replica.replica_id)
+                self.mark_dead(replica)
+                continue
+            outputs.extend(replica.scheduler.update_from_output(step, result))
+        for out in outputs:
+            if out.finished and self._all_finished(out.req_id):
+                self.placements.pop(out.req_id, None)
+        return outputs
+
+    def _all_finished(self, req_id: str) -> bool:
+        replica_id = self.placements.get(req_id)
+        return replica_id is None or not self.replicas[replica_id].scheduler.has_request(req_id)
+
+    def mark_dead(self, replica: Replica) -> None:
+        """A dead worker is a preemption: drain the replica and requeue its work on live ones."""
+        if replica.executor is not None:
+            replica.executor.shutdown()
+        replica.executor = None
+        drained = replica.scheduler.drain_requests()
+        live = [r for r in self.replicas if r.live]
+        for group in drained:
+            target = self._place(group.prompt_token_ids) if live else replica
+            target.scheduler.add_resumed(group)
+            self.placements[group.req_id] = target.replica_id
+
+    def revive(self, replica: Replica, executor: Executor, scheduler: Scheduler) -> None:
+        """A restarted replica rejoins with an empty cache; work queued on it while dead moves there."""
+        waiting = replica.scheduler.drain_requests()
+        replica.scheduler, replica.executor = scheduler, executor
+        replica.restarts += 1
+        for group in waiting:
+            scheduler.add_resumed(group)

@@ -1,0 +1,125 @@
+"""LLMEngine: the synchronous in-process engine behind the offline LLM API.
+
+Tokenize, queue, step the EngineCore, and turn its token outputs into text with the same
+RequestOutputProcessor the gRPC frontend uses.
+"""
+import itertools
+import time
+from dataclasses import dataclass
+
+from cluster.config import EngineConfig
+from cluster.engine_core import EngineCore, Replica
+from cluster.local_executor import LocalExecutor
+from cluster.model_info import ResolvedModel, resolve
+from cluster.output_processor import RequestDelta, RequestOutputProcessor
+from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from scheduler.errors import InvalidRequestError
+from scheduler.sampling_params import SamplingParams
+from scheduler.scheduler import Scheduler
+from workers.tokenizer import load_tokenizer
+from workers.worker import Worker
+
+
+def build_scheduler(config: EngineConfig, model: ResolvedModel, num_blocks: int) -> Scheduler:
+    return Scheduler(config.scheduler, config.cache, num_blocks, model.max_model_len, model.eos_token_ids)
+
+
+def build_local_worker(config: EngineConfig, model: ResolvedModel) -> Worker:
+    worker = Worker(config.model, config.cache, config.scheduler, model.hf_config, model.max_model_len,
+                    model.eos_token_ids, config.runtime.device, attention_backend=config.runtime.attention_backend)
+    worker.load_model()
+    worker.init_kv_cache(worker.determine_num_blocks())
+    return worker
+
+
+@dataclass
+class _Tracked:
+    output: RequestOutput
+    processor: RequestOutputProcessor
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if config.wants_ray:
+            raise NotImplementedError("data/tensor parallel engines run on Ray: use cluster.launcher")
+        self.config = config
+        self.model = resolve(config)
+        self.tokenizer = load_tokenizer(self.model.tokenizer_name, config.model.revision)
+        self.worker = build_local_worker(config, self.model)
+        scheduler = build_scheduler(config, self.model, self.worker.runner.num_blocks)
+        self.core = EngineCore([Replica(0, scheduler, LocalExecutor(self.worker))])
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.replicas[0].scheduler
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not all(isinstance(t, int) and 0 <= t < self.model.hf_config.vocab_size for t in prompt):
+            raise InvalidRequestError("prompt_token_ids", f"must be ids in [0, {self.model.hf_config.vocab_size})")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        params = sampling_params or SamplingParams()
+        params.check_vocab(self.model.hf_config.vocab_size)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        token_ids = self.tokenize(prompt)
+        now = time.monotonic()
+        self.core.add_request(request_id, token_ids, params, priority, now)
+        completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
+                                        [] if params.logprobs is not None else None) for i in range(params.n)]
+        output = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions,
+                               False, RequestMetrics(now))
+        self._tracked[request_id] = _Tracked(output, RequestOutputProcessor(request_id, token_ids, params,
+                                                                            self.tokenizer))
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        self._apply(self.core.abort(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that made progress (finished ones for the last time)."""
+        return self._apply(self.core.step())
+
+    def _apply(self, engine_outputs) -> list[RequestOutput]:
+        by_request: dict[str, list] = {}
+        for out in engine_outputs:
+            by_request.setdefault(out.req_id, []).append(out)
+        updated = []
+        for request_id, outs in by_request.items():
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            deltas, stops = tracked.processor.process(outs)
+            for stop in stops:
+                self.core.finish(request_id, stop.index, stop.stop_str)
+            _merge(tracked.output, deltas)
+            if tracked.processor.finished:
+                tracked.output.finished = True
+                tracked.output.metrics.finished_time = time.monotonic()
+                del self._tracked[request_id]
+            updated.append(tracked.output)
+        return updated
+
+
+def _merge(output: RequestOutput, deltas: list[RequestDelta]) -> None:
+    now = time.monotonic()
+    for d in deltas:
+        c = output.outputs[d.index]
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None and c.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+            c.cumulative_logprob += sum(lp.logprob for lp in d.logprobs)
+        if d.finish_reason is not None:
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        output.metrics.num_cached_tokens = d.num_cached_tokens
+        if d.token_ids and output.metrics.first_token_time is None:
+            output.metrics.first_token_time = now

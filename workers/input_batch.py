@@ -1,0 +1,98 @@
+"""The replica-side copy of every running sequence, updated from each step's diffs.
+
+The scheduler sends a sequence in full once (NewRequestData) and then only what changed
+(new block ids, num_computed_tokens). The worker appends the tokens it samples itself, so the
+next step's input token never has to cross the actor boundary.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.output import SchedulerOutput
+from scheduler.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    sibling_index: int
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
+
+
+@dataclass
+class StepInputs:
+    """Host arrays for one flat batch of T tokens from S sequences."""
+
+    req_ids: list[str]  # [S] in batch order
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [S + 1] int32
+    seq_lens: np.ndarray  # [S] int32
+    block_tables: np.ndarray  # [S, max_blocks] int32
+    logits_indices: np.ndarray  # [N] int64: last token of each sequence that samples this step
+    sampling_req_ids: list[str]  # [N] the sequences that sample
+
+
+class InputBatch:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def update(self, step: SchedulerOutput) -> None:
+        for req_id in step.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in step.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                new.sibling_index, list(new.block_ids), new.num_computed_tokens)
+        cached = step.scheduled_cached_reqs
+        for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            state = self.requests[req_id]
+            state.block_ids.extend(block_ids)
+            state.num_computed_tokens = num_computed
+
+    def prepare(self, step: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        req_ids = list(step.num_scheduled_tokens)
+        states = [self.requests[r] for r in req_ids]
+        num_tokens = [step.num_scheduled_tokens[r] for r in req_ids]
+        query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int32)
+        np.cumsum(num_tokens, out=query_start_loc[1:])
+        total = int(query_start_loc[-1])
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        seq_lens = np.empty(len(req_ids), dtype=np.int32)
+        max_blocks = max((len(s.block_ids) for s in states), default=1)
+        block_tables = np.zeros((len(req_ids), max(max_blocks, 1)), dtype=np.int32)
+        logits_indices, sampling_req_ids = [], []
+        for i, (state, n) in enumerate(zip(states, num_tokens)):
+            start, end = state.num_computed_tokens, state.num_computed_tokens + n
+            lo, hi = query_start_loc[i], query_start_loc[i + 1]
+            input_ids[lo:hi] = state.token_slice(start, end)
+            positions[lo:hi] = np.arange(start, end)
+            seq_lens[i] = end
+            block_tables[i, :len(state.block_ids)] = state.block_ids
+            if end == state.num_tokens:  # caught up: this step's last logits give the next token
+                logits_indices.append(hi - 1)
+                sampling_req_ids.append(state.req_id)
+        row_of_token = np.repeat(np.arange(len(req_ids)), num_tokens)
+        slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        return StepInputs(req_ids, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                          block_tables, np.asarray(logits_indices, dtype=np.int64), sampling_req_ids)

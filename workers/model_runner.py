@@ -1,0 +1,82 @@
+"""ModelRunner: one step = update the persistent batch, prepare inputs, forward, sample."""
+import torch
+
+from scheduler.config import CacheConfig, SchedulerConfig
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from workers.attention import get_attention_backend
+from workers.attention.base import AttentionMetadata
+from workers.config import ModelConfig
+from workers.input_batch import InputBatch, StepInputs
+from workers.kv_cache import allocate_kv_caches
+from workers.parallel import TensorParallelGroup
+from workers.sampler import Sampler, SamplingTensors
+from workers.weight_loader import load_model, resolve_dtype
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 hf_config, device: torch.device, parallel: TensorParallelGroup, eos_token_ids: list[int], attention_backend: str = "auto"):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.hf_config = hf_config
+        self.device = device
+        self.parallel = parallel
+        self.eos_token_ids = list(eos_token_ids)
+        self.dtype = resolve_dtype(model_config.dtype, device, getattr(hf_config, "torch_dtype", None))
+        self.attn_backend = get_attention_backend(attention_backend, device)
+        self.batch = InputBatch(cache_config.block_size)
+        self.model = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.sampler: Sampler | None = None
+
+    def load_model(self) -> None:
+        self.model = load_model(self.model_config, self.hf_config, self.device, self.dtype, self.parallel,
+                                self.attn_backend)
+        self.sampler = Sampler(self.hf_config.vocab_size, self.device, self.model_config.seed)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, self.cache_config.block_size,
+                                            self.dtype, self.device, self.parallel.tp_size)
+
+    @torch.inference_mode()
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.update(step)
+        if step.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput([], [], [])
+        inputs = self.batch.prepare(step)
+        logits = self._forward(inputs)
+        states = [self.batch.requests[r] for r in inputs.sampling_req_ids]
+        sampled, logprobs = self._sample(logits, states)
+        for state, token in zip(states, sampled):
+            state.output_token_ids.append(token)
+        by_req = dict(zip(inputs.sampling_req_ids, zip(sampled, logprobs)))
+        sampled_ids = [[by_req[r][0]] if r in by_req else [] for r in inputs.req_ids]
+        lps = [by_req[r][1] if r in by_req else None for r in inputs.req_ids]
+        return ModelRunnerOutput(inputs.req_ids, sampled_ids, lps)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        dev = self.device
+        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+        metadata = AttentionMetadata(
+            slot_mapping=to_dev(inputs.slot_mapping),
+            query_start_loc=to_dev(inputs.query_start_loc),
+            seq_lens=to_dev(inputs.seq_lens),
+            block_tables=to_dev(inputs.block_tables),
+            query_start_loc_cpu=inputs.query_start_loc.tolist(),
+            seq_lens_cpu=inputs.seq_lens.tolist(),
+            max_query_len=int((inputs.query_start_loc[1:] - inputs.query_start_loc[:-1]).max()),
+            max_seq_len=int(inputs.seq_lens.max()),
+        )
+        hidden = self.model(to_dev(inputs.input_ids), to_dev(inputs.positions), self.kv_caches, metadata)
+        return self.model.compute_logits(hidden[to_dev(inputs.logits_indices)])
+
+    def _sample(self, logits: torch.Tensor, states) -> tuple[list[int], list]:
+        if not states:
+            return [], []
+        tensors = SamplingTensors.from_states(states, self.hf_config.vocab_size, self.device,
+                                             self.eos_token_ids)
+        out = self.sampler(logits, tensors)
+        logprobs = out.logprobs if out.logprobs is not None else [None] * len(states)
+        return out.token_ids.tolist(), logprobs
