@@ -1,4 +1,6 @@
 """ModelRunner: one step = update the persistent batch, prepare inputs, forward, sample."""
+import itertools
+
 import torch
 
 from scheduler.config import CacheConfig, SchedulerConfig
@@ -6,7 +8,8 @@ from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from workers.attention import get_attention_backend
 from workers.attention.base import AttentionMetadata
 from workers.config import ModelConfig
-from workers.input_batch import InputBatch, StepInputs
+from scheduler.sampling_params import SamplingParams
+from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
 from workers.parallel import TensorParallelGroup
 from workers.sampler import Sampler, SamplingTensors
@@ -39,6 +42,36 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, self.cache_config.block_size,
                                             self.dtype, self.device, self.parallel.tp_size)
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> None:
+        """The heaviest step the scheduler may send: num_tokens of prefill, then max_num_seqs logits
+        rows through the sampler; run on a throwaway cache so peak activation memory shows."""
+        bs = self.cache_config.block_size
+        seq_lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+        num_blocks = sum(-(-n // bs) for n in seq_lens) + 1
+        kv_caches = allocate_kv_caches(self.hf_config, num_blocks, bs, self.dtype, self.device, self.parallel.tp_size)
+        starts = [0] + list(itertools.accumulate(seq_lens))
+        block_tables = torch.zeros(len(seq_lens), -(-max(seq_lens) // bs), dtype=torch.int32)
+        next_block = 1
+        for i, n in enumerate(seq_lens):
+            block_tables[i, :-(-n // bs)] = torch.arange(next_block, next_block - (-n // bs))
+            next_block -= -n // bs
+        positions = torch.cat([torch.arange(n) for n in seq_lens])
+        rows = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+        slots = block_tables[rows, positions // bs].long() * bs + positions % bs
+        metadata = AttentionMetadata(slots.to(self.device), torch.tensor(starts, dtype=torch.int32, device=self.device),
+                                     torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+                                     block_tables.to(self.device), starts, seq_lens, max(seq_lens), max(seq_lens))
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions.to(self.device), kv_caches, metadata)
+        rows = torch.arange(max_num_seqs, device=self.device) % num_tokens
+        # the sampler's worst case: every row random with top-k and top-p (a full sort)
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+        states = [CachedRequestState(str(i), [0], [], params, 0, [], 0) for i in range(max_num_seqs)]
+        self.sampler(self.model.compute_logits(hidden[rows]),
+                     SamplingTensors.from_states(states, self.hf_config.vocab_size, self.device, self.eos_token_ids))
+        del kv_caches, hidden
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:

@@ -51,7 +51,8 @@ class Worker:
         """Device bytes left for the KV cache after weights and a full-budget forward pass."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self.runner.profile_run(self.scheduler_config.max_num_batched_tokens)
+        self.runner.profile_run(self.scheduler_config.max_num_batched_tokens, self.max_model_len,
+                                self.scheduler_config.max_num_seqs)
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         used_by_others = total - free - torch.cuda.memory_reserved()
