@@ -1,0 +1,170 @@
+"""Offline benchmarks (issue: GPU fast path, item 4 a/b/c/e). Each prints one JSON line per result
+and appends it to --out/results.jsonl; plots are written when matplotlib is there.
+
+  python -m cluster.benchmarks.offline throughput --model Qwen/Qwen3-0.6B --load-format dummy
+  python -m cluster.benchmarks.offline hf          # transformers on the same workload and GPU
+  python -m cluster.benchmarks.offline latency     # batch 1 (128 in, 512 out), then batches 8, 32, 128
+  python -m cluster.benchmarks.offline prefix      # TTFT with a shared 2k-token prefix, cold and warm
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.benchmarks.workloads import fixed_workload, nano_vllm_workload
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _emit(args, result: dict) -> None:
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **result}
+    print(json.dumps(result), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def _make_llm(args, **overrides):
+    from cluster.llm import LLM
+
+    kwargs = dict(load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                  attention_backend=args.attention_backend)
+    kwargs.update(overrides)
+    return LLM(args.model, **kwargs)
+
+
+def _params(max_tokens: int):
+    from scheduler.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def bench_throughput(args) -> None:
+    work = nano_vllm_workload(args.num_requests, seed=args.seed)
+    llm = _make_llm(args)
+    llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)  # warm-up: kernels compiled, graphs captured
+    params = [_params(n) for n in work.output_lens]
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(work.prompts, params, use_tqdm=False)
+    _sync()
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert num_out == sum(work.output_lens), "every request must produce exactly its output length"
+    _emit(args, {"bench": "throughput", "engine": "folovllm", "num_requests": len(outs), "output_tokens": num_out,
+                 "seconds": elapsed, "output_tok_per_s": num_out / elapsed,
+                 "total_tok_per_s": (num_out + sum(map(len, work.prompts))) / elapsed})
+
+
+def bench_hf(args) -> None:
+    """transformers on the same workload. generate_batch (continuous batching) takes one
+    max_new_tokens for all requests, so it gets the workload's mean output length; batched
+    generate runs length-sorted batches of --hf-batch and counts only the requested tokens."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from cluster.model_info import resolve
+    from cluster.config import EngineConfig
+
+    work = nano_vllm_workload(args.num_requests, seed=args.seed)
+    hf_config = resolve(EngineConfig.from_flat(model=args.model)).hf_config
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
+    for mode in args.hf_modes.split(","):
+        _sync()
+        start = time.perf_counter()
+        if mode == "generate_batch":
+            mean_out = sum(work.output_lens) // len(work.output_lens)
+            gen = GenerationConfig(max_new_tokens=mean_out, do_sample=False, eos_token_id=None, pad_token_id=0)
+            model.generate_batch(work.prompts, generation_config=gen)
+            num_out = mean_out * len(work.prompts)
+        else:
+            num_out = _hf_batched_generate(model, work, args.hf_batch)
+        _sync()
+        elapsed = time.perf_counter() - start
+        _emit(args, {"bench": "throughput", "engine": f"hf-{mode}", "num_requests": len(work.prompts),
+                     "output_tokens": num_out, "seconds": elapsed, "output_tok_per_s": num_out / elapsed})
+
+
+def _hf_batched_generate(model, work, batch_size: int) -> int:
+    from transformers import GenerationConfig
+
+    order = sorted(range(len(work.prompts)), key=lambda i: work.output_lens[i])
+    device = next(model.parameters()).device
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        width = max(len(work.prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):  # left padding, as decoder-only generation needs
+            ids[row, width - len(work.prompts[i]):] = torch.tensor(work.prompts[i])
+            mask[row, width - len(work.prompts[i]):] = 1
+        gen = GenerationConfig(max_new_tokens=max(work.output_lens[i] for i in idx), do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+        model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+    return sum(work.output_lens)
+
+
+def bench_latency(args) -> None:
+    llm = _make_llm(args)
+    llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)
+    for batch in [1] + [int(b) for b in args.batches.split(",")]:
+        work = fixed_workload(batch, 128, 512, seed=batch)
+        _sync()
+        start = time.perf_counter()
+        outs = llm.generate(work.prompts, _params(512), use_tqdm=False)
+        _sync()
+        elapsed = time.perf_counter() - start
+        ttft = [o.metrics.time_to_first_token for o in outs]
+        decode = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+                  for o in outs]
+        _emit(args, {"bench": "latency", "batch": batch, "prompt_len": 128, "output_len": 512,
+                     "seconds": elapsed, "mean_ttft_ms": 1e3 * sum(ttft) / batch,
+                     "mean_tpot_ms": 1e3 * sum(decode) / batch, "output_tok_per_s": batch * 512 / elapsed})
+
+
+def bench_prefix(args) -> None:
+    llm = _make_llm(args, enable_prefix_caching=True)
+    llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)
+    prefix = fixed_workload(1, args.prefix_len, 1, seed=7).prompts[0]
+    results = {}
+    for name, suffix in [("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])]:
+        _sync()
+        start = time.perf_counter()
+        out = llm.generate([prefix + suffix], _params(1), use_tqdm=False)[0]
+        _sync()
+        results[name] = {"ttft_ms": 1e3 * (time.perf_counter() - start), "cached": out.metrics.num_cached_tokens}
+    _emit(args, {"bench": "prefix_cache", "prefix_len": args.prefix_len, **{
+        f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
+        "speedup": results["cold"]["ttft_ms"] / results["warm"]["ttft_ms"]})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=["throughput", "hf", "latency", "prefix"])
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", default="8,32,128")
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--hf-modes", default="generate_batch,generate")
+    p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    {"throughput": bench_throughput, "hf": bench_hf, "latency": bench_latency, "prefix": bench_prefix}[args.bench](args)
+
+
+if __name__ == "__main__":
+    main()

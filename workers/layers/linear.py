@@ -1,0 +1,96 @@
+"""Tensor-parallel linear layers (Megatron style, as in nano-vllm).
+
+Column parallel: each rank holds a slice of the output features; no communication.
+Row parallel: each rank holds a slice of the input features and the partial sums are all-reduced.
+Every parameter carries weight_loader(param, loaded_weight, shard_id) that slices the full HF tensor
+for this rank and copies it in (converting dtype and device on the way).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.parallel import TensorParallelGroup, divide
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, parallel: TensorParallelGroup,
+                 tp_dim: int | None, bias: bool = False):
+        super().__init__()
+        self.parallel = parallel
+        self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size
+        self.tp_dim = tp_dim  # which weight dim is sharded: 0 output, 1 input, None replicated
+        # torch.empty: no init cost; weights come from a checkpoint or the dummy initialiser.
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def _shard(self, loaded: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        return loaded.narrow(dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        if self.tp_dim is not None and self.tp_size > 1 and loaded_weight.dim() > self.tp_dim:
+            loaded_weight = self._shard(loaded_weight, self.tp_dim, param.shape[self.tp_dim])
+        param.data.copy_(loaded_weight)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, parallel: TensorParallelGroup, bias: bool = False):
+        super().__init__(input_size, output_size, parallel, None, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, parallel: TensorParallelGroup, bias: bool = False):
+        super().__init__(input_size, divide(output_size, parallel.tp_size), parallel, 0, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / tp]
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs packed in one matmul (gate_up_proj): shard_id indexes output_sizes."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], parallel: TensorParallelGroup, bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), parallel, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int):
+        # this rank's packed layout: [shard 0 slice | shard 1 slice | ...]
+        offset = divide(sum(self.output_sizes[:shard_id]), self.tp_size)
+        size = divide(self.output_sizes[shard_id], self.tp_size)
+        param.data.narrow(0, offset, size).copy_(self._shard(loaded_weight, 0, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections packed in one matmul; each rank holds whole heads (shard_id "q"/"k"/"v")."""
+
+    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
+                 parallel: TensorParallelGroup, bias: bool = False):
+        assert total_num_kv_heads % parallel.tp_size == 0, (
+            f"tp_size {parallel.tp_size} must divide num_key_value_heads {total_num_kv_heads}")
+        self.head_dim = head_dim
+        self.num_heads = divide(total_num_heads, parallel.tp_size)  # per rank
+        self.num_kv_heads = divide(total_num_kv_heads, parallel.tp_size)
+        output_size = (total_num_heads + 2 * total_num_kv_heads) * head_dim
+        super().__init__(hidden_size, output_size, parallel, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str):
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
+        param.data.narrow(0, offset, size).copy_(self._shard(loaded_weight, 0, size))
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, parallel: TensorParallelGroup, bias: bool = False):
+        super().__init__(divide(input_size, parallel.tp_size), output_size, parallel, 1, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in / tp] -> [T, out], summed over ranks
+        # The bias is added once, after the reduction, not once per rank.
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,159 @@
+"""Qwen3 dense decoder over a paged KV cache (the model itself, not transformers' module).
+
+Parameter names follow the HF checkpoint except for the packed projections: q/k/v_proj live in
+qkv_proj and gate/up_proj in gate_up_proj; load_weights maps one onto the other.
+"""
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from workers.attention.base import AttentionBackend, AttentionMetadata
+from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                            RotaryEmbedding, RowParallelLinear, SiluAndMul, VocabParallelEmbedding,
+                            get_rope_theta)
+from workers.parallel import TensorParallelGroup
+
+# HF name fragment -> (our packed parameter fragment, shard id)
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+    assert param.shape == loaded_weight.shape, f"{tuple(param.shape)} != {tuple(loaded_weight.shape)}"
+    param.data.copy_(loaded_weight)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config, parallel: TensorParallelGroup, attn_backend: AttentionBackend,
+                 rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, parallel, bias=bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        parallel, bias=bias)
+        # Qwen3's per-head norms on q and k, before RoPE; replicated on every rank.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary_emb = rotary_emb  # one cos/sin table shared by all layers
+        self.attn = attn_backend
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # x [T, H]; kv_cache [2, num_blocks, block_size, Hkv, D]
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                          self.num_kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))  # [T, Hq, D]
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [T, Hkv, D]
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), kv_cache,
+                              attn_metadata, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.flatten(1))  # [T, H]
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config, parallel: TensorParallelGroup):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, parallel)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, parallel)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config, parallel: TensorParallelGroup, attn_backend: AttentionBackend,
+                 rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, parallel, attn_backend, rotary_emb)
+        self.mlp = Qwen3MLP(config, parallel)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T, H] -> [T, H]
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, attn_metadata)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config, parallel: TensorParallelGroup, attn_backend: AttentionBackend):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, get_rope_theta(config))
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, parallel, attn_backend, rotary_emb)
+                                     for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T] -> [T, H]
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(positions, x, kv_cache, attn_metadata)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, config, parallel: TensorParallelGroup | None = None,
+                 attn_backend: AttentionBackend | None = None):
+        super().__init__()
+        if attn_backend is None:
+            from workers.attention.torch_ref import TorchRefBackend
+            attn_backend = TorchRefBackend()
+        self.config = config
+        self.parallel = parallel or TensorParallelGroup.single()
+        self.model = Qwen3Model(config, self.parallel, attn_backend)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.parallel)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions [T] of one flat step -> hidden states [T, H] after the final norm."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (usually one row per sequence) -> float32 logits [N, vocab], on every rank."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load (HF name, full tensor) pairs, each rank keeping its shard.
+
+        Returns the names of our parameters now fully loaded (packed ones once every shard arrived).
+        """
+        params = dict(self.named_parameters())  # a tied lm_head shares the embedding and is not listed
+        shards_seen: dict[str, set] = {}
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue
+            if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some tied checkpoints still store it: it is the embedding
+            name, shard_id = hf_name, None
+            for fragment, (packed, shard) in PACKED_MODULES.items():
+                if f".{fragment}." in hf_name:
+                    name, shard_id = hf_name.replace(fragment, packed), shard
+                    break
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {hf_name!r} has no parameter in Qwen3ForCausalLM")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
+            shards_seen.setdefault(name, set()).add(shard_id)
+        num_shards = {"qkv_proj": 3, "gate_up_proj": 2}
+        return {name for name, seen in shards_seen.items()
+                if len(seen) == num_shards.get(name.split(".")[-2], 1)}
+
+    def check_all_loaded(self, loaded: set[str]) -> None:
+        missing = set(dict(self.named_parameters())) - loaded
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:8]}")
