@@ -1,6 +1,9 @@
-"""The `folovllm` command: generate offline, serve over gRPC, chat, status, bench."""
+"""The `folovllm` command: serve over gRPC, generate, chat, status."""
 import argparse
+import asyncio
 import sys
+
+from pydantic import ValidationError
 
 from scheduler.errors import InvalidRequestError
 
@@ -23,13 +26,32 @@ def _sampling_params(args):
                           top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
+def _client_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    g = parser.add_argument_group("server connection")
+    g.add_argument("--server", required=required, help="host:port of a running `folovllm serve`")
+    g.add_argument("--auth-token", help="bearer token, when the server asks for one")
+    g.add_argument("--tls-ca", help="PEM root certificate to verify the server with (turns TLS on)")
+
+
+def _client(args):
+    from cluster.client import Client
+
+    return Client(args.server, auth_token=args.auth_token, root_certificates=args.tls_ca)
+
+
 def cmd_generate(args) -> int:
+    params = _sampling_params(args)
+    if args.server:
+        with _client(args) as client:
+            for prompt in args.prompts:
+                for delta in client.generate_stream(prompt, params):
+                    print(delta.text, end="", flush=True)
+                print()
+        return 0
     from cluster.cli_args import engine_config_from_args
     from cluster.llm import LLM
 
-    config = engine_config_from_args(args)
-    llm = LLM(**config.to_flat())
-    params = _sampling_params(args)
+    llm = LLM(**engine_config_from_args(args).to_flat())
     for out in llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1):
         for c in out.outputs:
             print(f"--- {out.request_id}.{c.index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
@@ -37,16 +59,84 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """An interactive conversation with a running server; an empty line or EOF ends it."""
+    params = _sampling_params(args)
+    messages = []
+    with _client(args) as client:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            reply = []
+            for delta in client.chat_stream(messages, params, enable_thinking=args.enable_thinking):
+                reply.append(delta.text)
+                print(delta.text, end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_status(args) -> int:
+    with _client(args) as client:
+        status = client.status()
+    print(status)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Embedded (or joined) Ray, the engine's actors, and the gRPC frontend in this process."""
+    from cluster.cli_args import engine_config_from_args, model_from_args
+    from cluster.grpc_config import GrpcServerOptions
+    from cluster.grpc_server import serve
+    from cluster.launcher import launch_engine
+    from cluster.model_info import resolve
+    from workers.tokenizer import load_tokenizer
+
+    config = engine_config_from_args(args)
+    options = model_from_args(args, GrpcServerOptions)
+    tokenizer = load_tokenizer(resolve(config).tokenizer_name, config.model.revision)
+    client, shutdown = launch_engine(config)
+    try:
+        asyncio.run(serve(client, tokenizer, options))
+    finally:
+        shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cluster.cli_args import add_engine_args
+    from cluster.cli_args import add_engine_args, add_model_args
+    from cluster.grpc_config import GrpcServerOptions
 
     parser = argparse.ArgumentParser(prog="folovllm", description="Serve Qwen3 models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate offline, in this process")
+
+    serve = sub.add_parser("serve", help="start the engine on Ray and serve it over gRPC")
+    add_engine_args(serve)
+    add_model_args(serve.add_argument_group("gRPC server"), GrpcServerOptions)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate offline in this process, or through --server")
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     add_engine_args(gen)
     _sampling_args(gen)
+    _client_args(gen, required=False)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat interactively with a running server")
+    _client_args(chat, required=True)
+    _sampling_args(chat)
+    chat.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=True)
+    chat.set_defaults(func=cmd_chat)
+
+    status = sub.add_parser("status", help="replicas, queues and cache of a running server")
+    _client_args(status, required=True)
+    status.set_defaults(func=cmd_status)
     return parser
 
 
@@ -54,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InvalidRequestError as e:
+    except (InvalidRequestError, ValidationError) as e:
         print(f"folovllm: error: {e}", file=sys.stderr)
         return 2
 

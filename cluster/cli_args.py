@@ -4,6 +4,8 @@ import argparse
 import typing
 from typing import Any
 
+from pydantic import BaseModel
+
 from cluster.config import _SECTIONS, EngineConfig, engine_args_from_yaml
 
 
@@ -27,16 +29,23 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_model_args(group, model: type[BaseModel]) -> None:
+    """One --kebab-case flag per field of a pydantic model, typed and described from the field."""
+    for name, field in model.model_fields.items():
+        kind, choices = _parser_type(field.annotation)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
+                           default=None, help=field.description)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (also settable under args.engine in ray_config.yaml)")
     group.add_argument("--config", help="ray_config.yaml (Serve format) or a flat YAML of engine options")
     for model in _SECTIONS.values():
-        for name, field in model.model_fields.items():
-            if name in skip:
-                continue
-            kind, choices = _parser_type(field.annotation)
-            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
-                               default=None, help=field.description)
+        add_model_args(group, model)
+
+
+def model_from_args(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
+    return model(**{k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None})
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -26,7 +26,8 @@ def build_scheduler(config: EngineConfig, model: ResolvedModel, num_blocks: int)
 
 def build_local_worker(config: EngineConfig, model: ResolvedModel) -> Worker:
     worker = Worker(config.model, config.cache, config.scheduler, model.hf_config, model.max_model_len,
-                    model.eos_token_ids, config.runtime.device, attention_backend=config.runtime.attention_backend)
+                    model.eos_token_ids, config.runtime.device, attention_backend=config.runtime.attention_backend,
+                    enforce_eager=config.runtime.enforce_eager)
     worker.load_model()
     worker.init_kv_cache(worker.determine_num_blocks())
     return worker
@@ -74,8 +75,8 @@ class LLMEngine:
                                         [] if params.logprobs is not None else None) for i in range(params.n)]
         output = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions,
                                False, RequestMetrics(now))
-        self._tracked[request_id] = _Tracked(output, RequestOutputProcessor(request_id, token_ids, params,
-                                                                            self.tokenizer))
+        self._tracked[request_id] = _Tracked(output, RequestOutputProcessor(
+            request_id, token_ids, params, self.tokenizer, defer_text=True))
         return request_id
 
     def abort_request(self, request_id: str) -> None:

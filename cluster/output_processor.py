@@ -50,14 +50,20 @@ class _Sibling:
     num_tokens: int = 0
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)  # all of them, for callers that want them
+    num_detokenized: int = 0  # token_ids[:num_detokenized] went through the detokenizer
 
 
 class RequestOutputProcessor:
     """One request's siblings: turns each engine step's EngineCoreOutputs into RequestDeltas."""
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
-                 tokenizer, detokenizer_factory: Callable[..., IncrementalDetokenizer] = IncrementalDetokenizer):
+                 tokenizer, detokenizer_factory: Callable[..., IncrementalDetokenizer] = IncrementalDetokenizer,
+                 defer_text: bool = False):
         self.request_id = request_id
+        # A caller that reads text only at the end (the offline LLM) skips per-step detokenizing
+        # when no stop string needs matching: one decode at the end gives the same text, and
+        # per-token decodes would cost more host time than a small model's decode step.
+        self.defer_text = defer_text and not sampling_params.stop
         self.params = sampling_params
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached_tokens = 0
@@ -95,7 +101,10 @@ class RequestOutputProcessor:
         for index, sib in enumerate(self._siblings):
             if sib.finish_reason is None:
                 sib.finish_reason = finish_reason
-                deltas.append(self._delta(index, sib.detokenizer.flush().text, [], None, finish_reason, None))
+                pending = sib.token_ids[sib.num_detokenized:]
+                sib.num_detokenized = len(sib.token_ids)
+                text = sib.detokenizer.append(pending, finished=True).text
+                deltas.append(self._delta(index, text, [], None, finish_reason, None))
         return deltas
 
     def _process_one(self, out: EngineCoreOutput) -> RequestDelta | None:
@@ -104,7 +113,13 @@ class RequestOutputProcessor:
         logprobs = list(out.new_logprobs) if out.new_logprobs is not None else None
         on_stop_token = (out.finish_reason == "stop" and bool(token_ids)
                          and not isinstance(out.stop_reason, str))  # eos or stop_token_ids
-        if self.params.stop and len(token_ids) > 1:
+        if self.defer_text and not out.finished:
+            text, stop_str = "", None
+        elif self.defer_text:
+            pending = sib.token_ids[sib.num_detokenized:] + token_ids
+            det = sib.detokenizer.append(pending, finished=True, stop_token_terminated=on_stop_token)
+            text, stop_str = det.text, det.stop_str
+        elif self.params.stop and len(token_ids) > 1:
             text, stop_str, token_ids = self._append_one_by_one(sib, token_ids, out, on_stop_token)
         else:
             det = sib.detokenizer.append(token_ids, finished=out.finished, stop_token_terminated=on_stop_token)
@@ -113,6 +128,8 @@ class RequestOutputProcessor:
             logprobs = logprobs[:len(token_ids)]
         sib.num_tokens += len(token_ids)
         sib.token_ids.extend(token_ids)
+        if not self.defer_text or out.finished:
+            sib.num_detokenized = len(sib.token_ids)
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
         if stop_str is not None:
             finish_reason, stop_reason = "stop", stop_str

@@ -8,6 +8,7 @@ from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from workers.attention import get_attention_backend
 from workers.attention.base import AttentionMetadata
 from workers.config import ModelConfig
+from workers.cuda_graphs import DecodeGraphs
 from scheduler.sampling_params import SamplingParams
 from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
@@ -18,7 +19,8 @@ from workers.weight_loader import load_model, resolve_dtype
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 hf_config, device: torch.device, parallel: TensorParallelGroup, eos_token_ids: list[int], attention_backend: str = "auto"):
+                 hf_config, device: torch.device, parallel: TensorParallelGroup, eos_token_ids: list[int],
+                 attention_backend: str = "auto", max_model_len: int = 0, enforce_eager: bool = True):
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -26,12 +28,15 @@ class ModelRunner:
         self.device = device
         self.parallel = parallel
         self.eos_token_ids = list(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
         self.dtype = resolve_dtype(model_config.dtype, device, getattr(hf_config, "torch_dtype", None))
         self.attn_backend = get_attention_backend(attention_backend, device)
         self.batch = InputBatch(cache_config.block_size)
         self.model = None
         self.kv_caches: list[torch.Tensor] = []
         self.sampler: Sampler | None = None
+        self.decode_graphs: DecodeGraphs | None = None
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.hf_config, self.device, self.dtype, self.parallel,
@@ -42,6 +47,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, self.cache_config.block_size,
                                             self.dtype, self.device, self.parallel.tp_size)
+        # graphs need kernels that read only device tensors and host ints fixed at capture
+        if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.scheduler_config.max_num_seqs,
+                                              self.max_model_len, self.cache_config.block_size, self.device)
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> None:
@@ -90,6 +100,11 @@ class ModelRunner:
         return ModelRunnerOutput(inputs.req_ids, sampled_ids, lps)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+            hidden = self.decode_graphs.run(inputs)
+            if len(inputs.logits_indices) < len(hidden):  # a 1-token prefill chunk that doesn't sample
+                hidden = hidden[torch.from_numpy(inputs.logits_indices).to(self.device)]
+            return self.model.compute_logits(hidden)
         dev = self.device
         to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
         metadata = AttentionMetadata(

@@ -21,7 +21,7 @@ def resolve_device(device: str) -> torch.device:
 class Worker:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  hf_config, max_model_len: int, eos_token_ids: list[int], device: str = "auto", parallel: TensorParallelGroup | None = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", enforce_eager: bool = False):
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -31,7 +31,8 @@ class Worker:
         self.max_model_len = max_model_len
         self.hf_config = hf_config
         self.runner = ModelRunner(model_config, cache_config, scheduler_config, hf_config, self.device,
-                                  self.parallel, eos_token_ids, attention_backend)
+                                  self.parallel, eos_token_ids, attention_backend, max_model_len,
+                                  enforce_eager)
 
     def load_model(self) -> None:
         self.runner.load_model()

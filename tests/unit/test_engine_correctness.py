@@ -65,6 +65,8 @@ def test_greedy_matches_hf_batched(llm, hf_reference):
     outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert token_ids(outs) == hf_reference
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    for o in outs:  # text is decoded once at the end offline; it must equal the full decode
+        assert o.outputs[0].text == llm.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
     check_no_leaks(llm)
 
 
