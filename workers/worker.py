@@ -11,11 +11,12 @@ from workers.parallel import TensorParallelGroup
 
 
 def resolve_device(device: str) -> torch.device:
+    """A concrete device: 'cuda' becomes the current CUDA device (Ray sets CUDA_VISIBLE_DEVICES)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
 
 
 class Worker:

@@ -1,0 +1,72 @@
+"""TritonBackend: the attention backend interface on Triton kernels (CUDA only).
+
+forward = write this step's K/V into the cache, then
+  decode-only batch (max_query_len == 1) -> split-KV paged decode kernel + split merge;
+  any other batch -> varlen prefill kernel over the cache (prefix, chunks and decode rows alike).
+
+CUDA graphs (decode-only batches). forward does no device sync and reads only host ints from
+the metadata: num_seqs (len(seq_lens_cpu)), max_query_len and max_seq_len. What one captured
+graph fixes:
+  - the number of sequences S (pad with rows of slot_mapping -1 and seq_len 0: they write
+    nothing and give zero output) and the tensors' addresses and shapes: query/key/value,
+    kv_cache, slot_mapping, seq_lens, block_tables (its width too: it is a stride argument);
+  - the number of KV splits, chosen from (S, metadata.max_seq_len) by num_decode_splits().
+    Capture with max_seq_len = the longest context the graph may serve (e.g. max_model_len)
+    or pass fixed_decode_splits to the constructor. Replays are correct for any seq_lens: each
+    split's slice is computed on the device; only the speed depends on the split count.
+query_start_loc is not read on the decode path (row s is sequence s).
+"""
+import torch
+
+from workers.attention.base import AttentionMetadata
+from workers.attention import triton_kernels as kernels
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        fixed_decode_splits: int | None = None,
+        max_decode_splits: int = 64,
+        min_split_tokens: int = 64,
+        programs_per_sm: int = 2,
+    ) -> None:
+        device = torch.device(device if device is not None else "cuda")
+        # (a CPU device only serves Triton's interpreter, TRITON_INTERPRET=1, in tests)
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 4)
+        self.fixed_decode_splits = fixed_decode_splits
+        self.max_decode_splits = max_decode_splits
+        self.min_split_tokens = min_split_tokens
+        self.programs_per_sm = programs_per_sm
+
+    def num_decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+        """Enough (seq, kv_head, split) programs for programs_per_sm on every SM, each split
+        >= min_split_tokens (one 64-token tile). Tuned on an H200: docs/notes-attention.md."""
+        if self.fixed_decode_splits is not None:
+            return self.fixed_decode_splits
+        wanted = -(-self.programs_per_sm * self.num_sms // max(1, num_seqs * num_kv_heads))
+        by_length = -(-max_seq_len // self.min_split_tokens)
+        return max(1, min(wanted, by_length, self.max_decode_splits))
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        kernels.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+        if metadata.is_decode_only:
+            assert query.shape[0] == metadata.num_seqs, "decode rows are one token per sequence"
+            num_splits = self.num_decode_splits(metadata.num_seqs, kv_cache.shape[3],
+                                                metadata.max_seq_len)
+            return kernels.paged_decode_attention(
+                query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits)
+        return kernels.paged_prefill_attention(
+            query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+            metadata.max_query_len, scale)

@@ -1,0 +1,355 @@
+"""Triton kernels over the paged KV cache of workers/attention/base.py.
+
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous.
+Every kernel computes in float32 and folds the softmax scale into exp2 (qk_scale = scale * log2 e).
+
+- reshape_and_cache: one program per new token; slot -1 is skipped (CUDA-graph padding).
+- paged_decode_attention: one query token per sequence. Grid (seq, kv_head, split): a program
+  takes every query head of its kv head (GQA group padded to 16 rows for tl.dot) over one
+  contiguous slice of the context, with an online softmax; a second kernel merges the splits by
+  their log-sum-exp. The grid depends only on (num_seqs, num_kv_heads, num_splits): each split's
+  slice is computed on the device from seq_lens, so one captured graph serves any context length.
+- paged_prefill_attention: varlen flash attention. Grid (seq, kv_head, query tile); a tile packs
+  BLOCK_M // group query tokens times the group's heads as its rows, so K/V are read once per kv
+  head. Queries attend to the cached prefix and causally to themselves, all read from the cache.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: exp2(-inf - NEG_INIT) = 0, never NaN
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(key_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
+        + offs_h[:, None] * stride_ch + offs_d[None, :]
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
+    stride_kb, stride_kt, offs_d, d_mask, key_end, q_pos, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One BLOCK_N tile of keys: gather K/V through the block table, online-softmax update."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    n_mask = pos < key_end
+    page = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    kv_off = page[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kt \
+        + kv_head_off + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [rows, BLOCK_N]
+    if CAUSAL:
+        valid = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+    else:
+        valid = n_mask[None, :]
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+    qk_scale, num_splits,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + s)
+    # each split takes a BLOCK_N-aligned slice of the context; trailing splits may be empty
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + s * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], NEG_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    kv_head_off = kv_head * stride_kh
+    for n0 in range(start, end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
+            stride_kb, stride_kt, offs_d, d_mask, end, offs_h, qk_scale,
+            BLOCK_SIZE, BLOCK_N, False, DOT_PREC)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context (padding row) -> 0
+    o_mask = h_mask[:, None] & d_mask[None, :]
+    if ONE_SPLIT:
+        tl.store(out_ptr + s * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(part_out_ptr + s * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+                 + offs_d[None, :], out, mask=o_mask)
+        lse = m_i + tl.log2(l_i)  # log2 domain; -inf for an empty split
+        tl.store(part_lse_ptr + s * stride_lt + heads * stride_lh + split, lse, mask=h_mask)
+        if FUSED_MERGE:
+            # the last split to finish merges all of its (seq, kv head), then rearms the counter
+            counter = counters_ptr + s * tl.num_programs(1) + kv_head
+            tl.debug_barrier()  # every thread's partial stores come before the release
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+            if ticket == num_splits - 1:
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, s, heads, h_mask, offs_d, d_mask,
+                              num_splits, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                              stride_ot, stride_oh, BLOCK_H, BLOCK_D, BLOCK_S)
+                tl.store(counter, 0)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, s, heads, h_mask, offs_d, d_mask, num_splits,
+                  stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[s, heads] = sum_i w_i o_i / sum_i w_i, w_i = exp2(lse_i - max lse); .cg reads skip L1."""
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_row = part_lse_ptr + s * stride_lt + heads * stride_lh  # [BLOCK_H] pointers
+    lse = tl.load(lse_row[:, None] + offs_s[None, :],
+                  mask=h_mask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"),
+                  cache_modifier=".cg")
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    o_rows = part_out_ptr + s * stride_pt + heads[:, None] * stride_ph + offs_d[None, :]
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(lse_row + i, mask=h_mask, other=float("-inf"), cache_modifier=".cg") - m)
+        o = tl.load(o_rows + i * stride_ps, mask=(w > 0)[:, None] & d_mask[None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc += o * w[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + s * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    s = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + s * stride_lt + head * stride_lh + offs_s,
+                  mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    live = w > 0
+    o = tl.load(part_out_ptr + s * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+                + offs_d[None, :], mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + s * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; rows are (token, head) pairs
+    s = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    if tile * TOKENS >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + s)
+    ctx_len = seq_len - q_len  # tokens already in the cache before this step's queries
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = tile * TOKENS + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    m_mask = (tok < q_len) & (offs_m < TOKENS * GROUP)  # a group that is no power of 2 leaves spare rows
+    d_mask = offs_d < HEAD_DIM
+    row_q = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + row_q[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = ctx_len + tok  # absolute position of each row's query token
+
+    m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    kv_head_off = kv_head * stride_kh
+    # keys [0, first query position] are visible to every row of the tile: no causal mask there
+    first_pos = ctx_len + tile * TOKENS
+    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    key_end = tl.minimum(first_pos + TOKENS, seq_len)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
+            stride_kb, stride_kt, offs_d, d_mask, key_end, q_pos, qk_scale,
+            BLOCK_SIZE, BLOCK_N, False, DOT_PREC)
+    for n0 in range(full_end, key_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
+            stride_kb, stride_kt, offs_d, d_mask, key_end, q_pos, qk_scale,
+            BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + row_q[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """key, value: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; slot -1 skips."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    assert key.stride(2) == 1 and value.stride(2) == 1 and k_cache.stride(3) == 1
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=kv_cache.shape[2], num_warps=4)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [S, Hq, D], one token per sequence
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    seq_lens: torch.Tensor,  # [S] int32, 0 gives a zero output row
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    fused_merge: bool = False,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Split-KV decode: the splits' partial outputs are merged by a second kernel.
+
+    fused_merge (off by default): the last split of each (seq, kv head) merges instead, saving
+    the second launch; it needs counters, int32 [>= S * Hkv], zero on entry and left zero on
+    exit (torch.zeros per call when not given). Its merge walks the splits one by one, so it
+    won 0.3 us at <= 4 splits and lost 1-25 us at >= 5 on an H200 (docs/notes-attention.md)."""
+    num_seqs, num_heads, head_dim = query.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
+    block_d = triton.next_power_of_2(head_dim)
+    one_split = num_splits == 1
+    if one_split:
+        part_out, part_lse = out, out  # unused
+        part_strides = (0, 0, 0, 0, 0)
+    else:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
+                               device=query.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
+                               device=query.device)
+        part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2),
+                        part_lse.stride(0), part_lse.stride(1))
+    fused_merge = fused_merge and not one_split
+    if fused_merge and counters is None:
+        counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=query.device)
+    elif not fused_merge:
+        counters = seq_lens  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
+        scale * LOG2E, num_splits,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), *part_strides,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, ONE_SPLIT=one_split,
+        FUSED_MERGE=fused_merge, BLOCK_S=triton.next_power_of_2(num_splits),
+        DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+    if not one_split and not fused_merge:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits, *part_strides, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4)
+    return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int = 128,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = query.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
+    block_m = max(block_m, triton.next_power_of_2(group) * 16)
+    tokens_per_tile = block_m // group
+    num_seqs = seq_lens.shape[0]
+    grid = (num_seqs, num_kv_heads, math.ceil(max_query_len / tokens_per_tile))
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+    return out
