@@ -22,9 +22,22 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
 
+    def __post_init__(self):
+        # the block table as an array too, so a step copies it row-wise instead of converting lists
+        self.block_array = np.asarray(self.block_ids, dtype=np.int32)
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        if block_ids:
+            self.block_ids.extend(block_ids)
+            self.block_array = np.asarray(self.block_ids, dtype=np.int32)
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_at(self, position: int) -> int:
+        num_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         num_prompt = len(self.prompt_token_ids)
@@ -65,34 +78,37 @@ class InputBatch:
         cached = step.scheduled_cached_reqs
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             state = self.requests[req_id]
-            state.block_ids.extend(block_ids)
+            state.add_blocks(block_ids)
             state.num_computed_tokens = num_computed
 
     def prepare(self, step: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         req_ids = list(step.num_scheduled_tokens)
         states = [self.requests[r] for r in req_ids]
-        num_tokens = [step.num_scheduled_tokens[r] for r in req_ids]
+        num_tokens = np.fromiter((step.num_scheduled_tokens[r] for r in req_ids), np.int64, len(req_ids))
         query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int32)
         np.cumsum(num_tokens, out=query_start_loc[1:])
         total = int(query_start_loc[-1])
         input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
         seq_lens = np.empty(len(req_ids), dtype=np.int32)
         max_blocks = max((len(s.block_ids) for s in states), default=1)
         block_tables = np.zeros((len(req_ids), max(max_blocks, 1)), dtype=np.int32)
         logits_indices, sampling_req_ids = [], []
-        for i, (state, n) in enumerate(zip(states, num_tokens)):
-            start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            lo, hi = query_start_loc[i], query_start_loc[i + 1]
-            input_ids[lo:hi] = state.token_slice(start, end)
-            positions[lo:hi] = np.arange(start, end)
+        for i, state in enumerate(states):
+            n = int(num_tokens[i])
+            start, end, lo = state.num_computed_tokens, state.num_computed_tokens + n, int(query_start_loc[i])
+            if n == 1:  # decode: the common case, kept cheap
+                input_ids[lo] = state.token_at(start)
+            else:
+                input_ids[lo:lo + n] = state.token_slice(start, end)
             seq_lens[i] = end
-            block_tables[i, :len(state.block_ids)] = state.block_ids
+            block_tables[i, :len(state.block_array)] = state.block_array
             if end == state.num_tokens:  # caught up: this step's last logits give the next token
-                logits_indices.append(hi - 1)
+                logits_indices.append(lo + n - 1)
                 sampling_req_ids.append(state.req_id)
         row_of_token = np.repeat(np.arange(len(req_ids)), num_tokens)
+        # position of each token: its sequence's first new position plus its offset in the query
+        positions = (np.arange(total) - query_start_loc[row_of_token] + (seq_lens - num_tokens)[row_of_token])
         slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         return StepInputs(req_ids, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                           block_tables, np.asarray(logits_indices, dtype=np.int64), sampling_req_ids)
