@@ -153,8 +153,9 @@ def _channel_args(target: str, root_certificates: str | Path | None, client_cert
 
 
 class _Base:
-    def __init__(self, auth_token: str | None, timeout: float | None):
+    def __init__(self, auth_token: str | None, timeout: float | None, metadata: Iterable[tuple[str, str]] = ()):
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self._metadata += tuple(metadata)  # e.g. ("application", "folovllm") for Ray Serve's gRPC proxy
         self.timeout = timeout
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -164,12 +165,14 @@ class _Base:
 class Client(_Base):
     """Blocking client. target: "host:port". TLS when root_certificates or client_cert is given
     (or tls=True: system roots); mutual TLS with client_cert and client_key. timeout: default
-    deadline in seconds for each call (None: none)."""
+    deadline in seconds for each call (None: none). metadata: extra (key, value) pairs sent with every
+    call; behind Ray Serve's gRPC proxy with several applications, ("application", "<app name>")."""
 
     def __init__(self, target: str, *, auth_token: str | None = None, root_certificates: str | Path | None = None,
                  client_cert: str | Path | None = None, client_key: str | Path | None = None,
-                 tls: bool | None = None, server_name: str | None = None, timeout: float | None = None):
-        super().__init__(auth_token, timeout)
+                 tls: bool | None = None, server_name: str | None = None, timeout: float | None = None,
+                 metadata: Iterable[tuple[str, str]] = ()):
+        super().__init__(auth_token, timeout, metadata)
         creds, options = _channel_args(target, root_certificates, client_cert, client_key, tls, server_name)
         self._channel = (grpc.secure_channel(target, creds, options) if creds is not None
                          else grpc.insecure_channel(target, options))
@@ -252,8 +255,9 @@ class AsyncClient(_Base):
 
     def __init__(self, target: str, *, auth_token: str | None = None, root_certificates: str | Path | None = None,
                  client_cert: str | Path | None = None, client_key: str | Path | None = None,
-                 tls: bool | None = None, server_name: str | None = None, timeout: float | None = None):
-        super().__init__(auth_token, timeout)
+                 tls: bool | None = None, server_name: str | None = None, timeout: float | None = None,
+                 metadata: Iterable[tuple[str, str]] = ()):
+        super().__init__(auth_token, timeout, metadata)
         creds, options = _channel_args(target, root_certificates, client_cert, client_key, tls, server_name)
         self._channel = (grpc.aio.secure_channel(target, creds, options) if creds is not None
                          else grpc.aio.insecure_channel(target, options))

@@ -48,11 +48,9 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "EngineConfig":
-        sched, max_len = self.scheduler, self.model.max_model_len
-        if not sched.enable_chunked_prefill and max_len is not None and sched.max_num_batched_tokens < max_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
-                f"({max_len}) when enable_chunked_prefill is false, or no long prompt could ever run")
+        problem = _token_budget_problem(self.scheduler, self.model.max_model_len)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -74,9 +72,13 @@ class EngineConfig(BaseModel):
             if value is not None:  # None means "the default", as in LLM(...) keyword arguments
                 sections[section][key] = value
         try:
-            return cls(**sections)
+            parts = {name: model(**sections[name]) for name, model in _SECTIONS.items()}
         except ValidationError as e:
             raise InvalidRequestError(*_describe(e)) from None
+        problem = _token_budget_problem(parts["scheduler"], parts["model"].max_model_len)
+        if problem:
+            raise InvalidRequestError("max_num_batched_tokens", problem)
+        return cls(**parts)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EngineConfig":
@@ -84,6 +86,13 @@ class EngineConfig(BaseModel):
 
     def to_flat(self) -> dict[str, Any]:
         return {k: v for name in _SECTIONS for k, v in getattr(self, name).model_dump().items()}
+
+
+def _token_budget_problem(sched: SchedulerConfig, max_model_len: int | None) -> str | None:
+    if not sched.enable_chunked_prefill and max_model_len is not None and sched.max_num_batched_tokens < max_model_len:
+        return (f"must be >= max_model_len ({max_model_len}) when enable_chunked_prefill is false, "
+                f"or no long prompt could ever run; got {sched.max_num_batched_tokens}")
+    return None
 
 
 def allowed_keys() -> list[str]:
@@ -100,8 +109,9 @@ def _section_of(key: str) -> str | None:
 def _describe(error: ValidationError) -> tuple[str, str]:
     """The first problem as (key, message): the field's own name, not the section path."""
     first = error.errors()[0]
-    loc = [str(p) for p in first["loc"] if str(p) not in _SECTIONS] or ["config"]
-    return loc[-1], f"{first['msg']} (got {first.get('input')!r})"
+    loc = [str(p) for p in first["loc"]]
+    key = loc[0] if loc else "config"
+    return key, f"{first['msg']} (got {first.get('input')!r})"
 
 
 def engine_args_from_yaml(path: str | Path) -> dict[str, Any]:

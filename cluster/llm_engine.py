@@ -40,21 +40,34 @@ class _Tracked:
 
 
 class LLMEngine:
+    """One replica in this process, or (data/tensor parallel, or use_ray) the Ray engine."""
+
     def __init__(self, config: EngineConfig):
-        if config.wants_ray:
-            raise NotImplementedError("data/tensor parallel engines run on Ray: use cluster.launcher")
         self.config = config
         self.model = resolve(config)
         self.tokenizer = load_tokenizer(self.model.tokenizer_name, config.model.revision)
-        self.worker = build_local_worker(config, self.model)
-        scheduler = build_scheduler(config, self.model, self.worker.runner.num_blocks)
-        self.core = EngineCore([Replica(0, scheduler, LocalExecutor(self.worker))])
+        self.worker: Worker | None = None
+        if config.wants_ray:
+            from cluster.ray_engine_core import RayEngineCore
+
+            self.core = RayEngineCore.launch(config)
+        else:
+            self.worker = build_local_worker(config, self.model)
+            scheduler = build_scheduler(config, self.model, self.worker.runner.num_blocks)
+            self.core = EngineCore([Replica(0, scheduler, LocalExecutor(self.worker))])
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
 
     @property
     def scheduler(self) -> Scheduler:
+        """The in-process replica's scheduler (tests read its block manager)."""
+        if self.worker is None:
+            raise AttributeError("a Ray engine's schedulers live in its SchedulerActor")
         return self.core.replicas[0].scheduler
+
+    def shutdown(self) -> None:
+        if hasattr(self.core, "shutdown"):
+            self.core.shutdown()
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -71,11 +71,17 @@ def pinned_python(venv: Path) -> str:
     return python
 
 
-def fix_grpc_imports(path: Path) -> None:
-    # `from folovllm.v1 import llm_pb2 as ...` -> `from protos.folovllm.v1 import llm_pb2 as ...`
+def fix_module_paths(path: Path) -> None:
+    """Name the stubs' modules as they are imported from the repository root.
+
+    `from folovllm.v1 import llm_pb2` -> `from protos.folovllm.v1 import llm_pb2` in *_pb2_grpc.py,
+    and the message classes' __module__ 'folovllm.v1.llm_pb2' -> 'protos.folovllm.v1.llm_pb2' in
+    *_pb2.py, so that pickle (Ray Serve's gRPC proxy pickles every request) can import them.
+    """
     text = path.read_text()
-    fixed = re.sub(r"^from folovllm\.", "from protos.folovllm.", text, flags=re.MULTILINE)
-    path.write_text(fixed)
+    text = re.sub(r"^from folovllm\.", "from protos.folovllm.", text, flags=re.MULTILINE)
+    text = text.replace("DESCRIPTOR, 'folovllm.", "DESCRIPTOR, 'protos.folovllm.")
+    path.write_text(text)
 
 
 def generate(python: str, out_root: Path) -> list[Path]:
@@ -87,8 +93,8 @@ def generate(python: str, out_root: Path) -> list[Path]:
     generated = sorted(p for p in out_root.glob("folovllm/**/*")
                        if p.name.endswith(GENERATED_SUFFIXES))
     for path in generated:
-        if path.name.endswith("_pb2_grpc.py"):
-            fix_grpc_imports(path)
+        if path.name.endswith(".py"):
+            fix_module_paths(path)
     return generated
 
 

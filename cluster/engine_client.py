@@ -1,0 +1,269 @@
+"""EngineClient: how a frontend (gRPC server, Serve app, offline LLM) talks to the SchedulerActor.
+
+Calls are batched: add_request / abort / finish calls made while a submit is in flight (or in the
+same event-loop turn) go to the actor together in one Ray call. Outputs arrive through one long
+poll per client, each reply holding every step since the last; the client splits them per request.
+
+If the actor dies, every stream in flight ends with EngineDeadError, and so do calls until Ray has
+restarted it (a new incarnation); requests made after that work again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import ray
+from ray.exceptions import RayActorError
+
+from cluster.engine_types import EngineStatus, ModelInfo
+from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from scheduler.output import EngineCoreOutput
+from scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 5.0
+_DONE = object()
+
+
+def _raise_reply(reply) -> None:
+    if reply is None:
+        return
+    if reply[0] == "invalid":
+        raise InvalidRequestError(reply[1], reply[2])
+    if reply[0] == "queue_full":
+        raise QueueFullError(reply[1])
+    raise EngineDeadError(reply[1])
+
+
+@dataclass
+class _Stream:
+    n: int
+    num_prompt_tokens: int
+    incarnation: str | None = None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= self.n
+
+
+class EngineClient:
+    """The EngineClientProtocol of cluster/engine_types.py, on the SchedulerActor. One per event loop."""
+
+    def __init__(self, actor, model_info: ModelInfo, *, poll_timeout_s: float = POLL_TIMEOUT_S):
+        self.actor = actor
+        self.model_info = model_info
+        self.frontend_id = uuid.uuid4().hex
+        self.poll_timeout_s = poll_timeout_s
+        self._streams: dict[str, _Stream] = {}
+        self._pending: list[tuple[tuple, asyncio.Future]] = []
+        self._flush_task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._incarnation: str | None = None
+        self._last_step_no = 0  # the last step of outputs received (acknowledged by the next poll)
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, engine_id: str | None = None, *, name: str | None = None,
+                      namespace: str | None = None) -> "EngineClient":
+        """Attach to a running engine by its engine id (or the scheduler actor's full name)."""
+        from cluster.launcher import NAMESPACE, scheduler_actor_name
+
+        name = name or scheduler_actor_name(engine_id)
+        try:
+            actor = ray.get_actor(name, namespace=namespace or NAMESPACE)
+        except ValueError:
+            raise EngineDeadError(f"no engine actor {name!r} in namespace {namespace or NAMESPACE!r}") from None
+        model_info, incarnation = await actor.ready.remote()
+        client = cls(actor, model_info)
+        client._incarnation = incarnation
+        return client
+
+    # ---- the contract ----------------------------------------------------------------------------
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                          priority: int = 0) -> AsyncIterator[list[EngineCoreOutput]]:
+        """Validate (raising InvalidRequestError / QueueFullError / EngineDeadError), then stream."""
+        self._ensure_started()
+        if not isinstance(sampling_params, SamplingParams):
+            raise InvalidRequestError("sampling_params",
+                                      f"must be a SamplingParams, got {type(sampling_params).__name__}")
+        if request_id in self._streams:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use by an unfinished request")
+        stream = _Stream(sampling_params.n, len(prompt_token_ids))
+        self._streams[request_id] = stream  # before sending: the first outputs may beat the reply
+        try:
+            op = ("add", request_id, list(prompt_token_ids), sampling_params, priority)
+            incarnation, reply = await self._send(op)
+            _raise_reply(reply)
+        except BaseException:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            raise
+        stream.incarnation = incarnation
+        return self._iterate(request_id, stream)
+
+    async def finish(self, request_id: str, index: int, stop_reason: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.finished.add(index)
+            if stream.done:
+                self._end(request_id, stream)
+        await self._send_quietly(("finish", request_id, index, stop_reason))
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:  # end the stream now, as the engine will: one "abort" output per sibling left
+            outs = [EngineCoreOutput(request_id, i, [], finish_reason="abort",
+                                     num_prompt_tokens=stream.num_prompt_tokens)
+                    for i in range(stream.n) if i not in stream.finished]
+            stream.finished.update(range(stream.n))
+            if outs:
+                stream.queue.put_nowait(outs)
+            self._end(request_id, stream)
+        await self._send_quietly(("abort", request_id))
+
+    async def status(self) -> EngineStatus:
+        try:
+            return await self.actor.status.remote()
+        except RayActorError as e:
+            raise EngineDeadError(f"the engine's scheduler actor is unavailable: {e}") from None
+
+    def close(self) -> None:
+        """Stop polling; streams still open end with EngineDeadError."""
+        self._closed = True
+        self._fail_streams(EngineDeadError("the engine client was closed"))
+        for task in (self._poll_task, self._flush_task):
+            if task is not None and not task.done() and task.get_loop().is_running():
+                task.get_loop().call_soon_threadsafe(task.cancel)
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    # ---- sending, batched ------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine client was closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new loop (asyncio.run per call): start over there
+            orphans = list(self._streams)
+            self._fail_streams(EngineDeadError("the engine client moved to another event loop"))
+            self._loop, self._pending = loop, []
+            self._flush_task = None
+            self._poll_task = loop.create_task(self._poll())
+            for request_id in orphans:  # nobody can read them any more: free their blocks
+                loop.create_task(self._send_quietly(("abort", request_id)))
+
+    def _send(self, op: tuple) -> asyncio.Future:
+        future = self._loop.create_future()
+        self._pending.append((op, future))
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = self._loop.create_task(self._flush())
+        return future
+
+    async def _send_quietly(self, op: tuple) -> None:
+        """abort and finish never fail the caller: a dead engine has dropped the request anyway."""
+        try:
+            self._ensure_started()
+            _, reply = await self._send(op)
+        except EngineDeadError:
+            return
+        if reply is not None:
+            logger.debug("%s %s: %s", op[0], op[1], reply)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                incarnation, replies = await self.actor.submit.remote(self.frontend_id, [op for op, _ in batch])
+            except RayActorError as e:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(EngineDeadError(f"the engine's scheduler actor died: {e}"))
+                continue
+            except BaseException as e:  # noqa: BLE001 - e.g. cancelled: fail the callers, never hang them
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(EngineDeadError(f"sending to the engine failed: {e!r}"))
+                raise
+            for (_, future), reply in zip(batch, replies):
+                if not future.done():
+                    future.set_result((incarnation, reply))
+
+    # ---- receiving ---------------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while not self._closed:
+            try:
+                incarnation, steps = await self.actor.get_outputs.remote(
+                    self.frontend_id, self._incarnation, self._last_step_no, self.poll_timeout_s)
+            except RayActorError as e:
+                self._fail_streams(EngineDeadError(f"the engine's scheduler actor died: {e}"))
+                await asyncio.sleep(0.5)  # it may be restarting
+                continue
+            except Exception as e:  # noqa: BLE001 - never leave a stream hanging on a poller that died
+                logger.exception("polling the engine failed")
+                self._fail_streams(EngineDeadError(f"receiving from the engine failed: {e!r}"))
+                await asyncio.sleep(0.5)
+                continue
+            if incarnation != self._incarnation:
+                if self._incarnation is not None:  # Ray restarted the actor: the old requests are gone
+                    self._fail_streams(EngineDeadError("the engine restarted"), keep=incarnation)
+                self._incarnation, self._last_step_no = incarnation, 0
+            for step_no, outputs in steps:
+                if step_no > self._last_step_no:  # a step resent after a lost reply is skipped
+                    self._last_step_no = step_no
+                    self._dispatch(outputs)
+
+    def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
+        by_request: dict[str, list[EngineCoreOutput]] = {}
+        for out in outputs:
+            by_request.setdefault(out.req_id, []).append(out)
+        for request_id, outs in by_request.items():
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue  # aborted or finished here already
+            outs = [o for o in outs if o.index not in stream.finished]
+            if not outs:
+                continue
+            stream.finished.update(o.index for o in outs if o.finished)
+            stream.queue.put_nowait(outs)
+            if stream.done:
+                self._end(request_id, stream)
+
+    def _end(self, request_id: str, stream: _Stream) -> None:
+        if self._streams.get(request_id) is stream:
+            del self._streams[request_id]
+        stream.queue.put_nowait(_DONE)
+
+    def _fail_streams(self, error: EngineDeadError, keep: str | None = None) -> None:
+        for request_id, stream in list(self._streams.items()):
+            if keep is not None and stream.incarnation in (keep, None):
+                continue  # added to the new incarnation (or still being added)
+            del self._streams[request_id]
+            stream.queue.put_nowait(error)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[list[EngineCoreOutput]]:
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self._streams.get(request_id) is stream:  # the consumer left early: free the engine's blocks
+                del self._streams[request_id]
+                try:
+                    asyncio.get_running_loop().create_task(self._send_quietly(("abort", request_id)))
+                except RuntimeError:  # closed outside any loop (garbage collection): nothing to send on
+                    pass

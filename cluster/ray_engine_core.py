@@ -1,0 +1,134 @@
+"""RayEngineCore: EngineCore's synchronous surface over the Ray engine, for the offline LLMEngine.
+
+    core = RayEngineCore.launch(config)        # or RayEngineCore(EngineClient, shutdown)
+    core.add_request(...); while core.has_unfinished(): core.step(); core.shutdown()
+
+add_request / abort / finish / step / has_unfinished behave as EngineCore's, so LLMEngine can hold
+either. An EngineClient runs on a private event-loop thread; step() blocks until some request
+made progress and returns at most one step's outputs per request (what the output processor expects).
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import deque
+
+from cluster.config import EngineConfig
+from scheduler.output import EngineCoreOutput
+from scheduler.sampling_params import SamplingParams
+
+_DONE = "done"
+
+
+class RayEngineCore:
+    def __init__(self, client, shutdown=None):
+        self._shutdown = shutdown
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="folovllm-client", daemon=True)
+        self._thread.start()
+        self.client = client
+        self._items: queue.SimpleQueue = queue.SimpleQueue()  # (req_id, outputs | EngineDeadError | _DONE)
+        self._held: deque = deque()  # items left for the next step(): their request already had one
+        self._open: set[str] = set()
+
+    @classmethod
+    def launch(cls, config: EngineConfig, **launch_args) -> "RayEngineCore":
+        from cluster.launcher import launch_engine
+
+        client, shutdown = launch_engine(config, **launch_args)
+        return cls(client, shutdown)
+
+    @classmethod
+    def connect(cls, engine_id: str) -> "RayEngineCore":
+        """Attach to a running engine (launched by another process) by its engine id."""
+        from cluster.engine_client import EngineClient
+
+        core = cls(None)
+        core.client = core._call(EngineClient.connect(engine_id))
+        return core
+
+    @property
+    def model_info(self):
+        return self.client.model_info
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    # ---- EngineCore's surface -----------------------------------------------------------------------
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        stream = self._call(self.client.add_request(req_id, prompt_token_ids, sampling_params, priority))
+        self._open.add(req_id)
+        asyncio.run_coroutine_threadsafe(self._pump(req_id, stream), self._loop)
+
+    async def _pump(self, req_id: str, stream) -> None:
+        try:
+            async for outputs in stream:
+                self._items.put((req_id, outputs))
+        except Exception as e:  # noqa: BLE001 - EngineDeadError: raised to the caller of step()
+            self._items.put((req_id, e))
+        finally:
+            self._items.put((req_id, _DONE))
+
+    def abort(self, req_id: str) -> list[EngineCoreOutput]:
+        """The "abort" outputs come through step(), like every other output of the request."""
+        self._call(self.client.abort(req_id))
+        return []
+
+    def finish(self, req_id: str, index: int, stop_reason: str) -> None:
+        self._call(self.client.finish(req_id, index, stop_reason))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._open)
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self._open:
+            return []
+        batch: dict[str, list[EngineCoreOutput]] = {}
+        error = None
+        while True:
+            item = self._held.popleft() if self._held else self._next(block=not batch and error is None)
+            if item is None:
+                break
+            req_id, payload = item
+            if payload == _DONE:
+                self._open.discard(req_id)
+            elif isinstance(payload, Exception):
+                error = error or payload
+            elif req_id in batch:
+                self._held.append(item)
+                break
+            else:
+                batch[req_id] = payload
+        if error is not None:
+            raise error
+        return [out for outputs in batch.values() for out in outputs]
+
+    def _next(self, block: bool):
+        try:
+            return self._items.get(timeout=None) if block else self._items.get_nowait()
+        except queue.Empty:
+            return None
+
+    def shutdown(self) -> None:
+        """Close the client (and stop the engine when this object launched it)."""
+        if self.client is not None:
+            self._loop.call_soon_threadsafe(self.client.close)
+        try:
+            self._call(_cancel_tasks())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
+            if self._shutdown is not None:
+                self._shutdown()
+
+
+async def _cancel_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,163 @@
+"""EngineClient against a fake SchedulerActor (no Ray cluster): batching, routing, endings, failures."""
+import asyncio
+from collections import deque
+
+import pytest
+
+pytest.importorskip("ray")
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from cluster.engine_client import EngineClient  # noqa: E402
+from cluster.engine_types import ModelInfo  # noqa: E402
+from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError  # noqa: E402
+from scheduler.output import EngineCoreOutput  # noqa: E402
+from scheduler.sampling_params import SamplingParams  # noqa: E402
+
+INFO = ModelInfo("fake", 128, 1000, [2])
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeActor:
+    """The SchedulerActor's submit / get_outputs protocol, with steps pushed by the test."""
+
+    def __init__(self):
+        self.incarnation = "one"
+        self.batches: list[list[tuple]] = []
+        self.replies: dict[str, object] = {}  # request id -> error reply for its add
+        self.steps: deque = deque()
+        self.step_no = 0
+        self.dead = False
+        self.submit = _Method(self._submit)
+        self.get_outputs = _Method(self._get_outputs)
+
+    def push(self, *outputs: EngineCoreOutput) -> None:
+        self.step_no += 1
+        self.steps.append((self.step_no, list(outputs)))
+
+    def die(self) -> None:
+        self.dead = True
+
+    def restart(self) -> None:
+        self.dead, self.incarnation, self.steps, self.step_no = False, "two", deque(), 0
+
+    async def _submit(self, frontend_id, ops):
+        if self.dead:
+            raise ActorDiedError()
+        self.batches.append(ops)
+        return self.incarnation, [self.replies.get(op[1]) if op[0] == "add" else None for op in ops]
+
+    async def _get_outputs(self, frontend_id, incarnation, after, timeout_s):
+        while True:
+            if self.dead:
+                raise ActorDiedError()
+            if incarnation == self.incarnation:
+                while self.steps and self.steps[0][0] <= after:
+                    self.steps.popleft()
+            if self.steps:
+                return self.incarnation, list(self.steps)
+            await asyncio.sleep(0.002)
+
+
+def out(req_id, index=0, tokens=(5,), finish=None):
+    return EngineCoreOutput(req_id, index, list(tokens), finish_reason=finish)
+
+
+async def drain(stream):
+    return [[(o.index, o.new_token_ids, o.finish_reason) for o in outs] async for outs in stream]
+
+
+def test_concurrent_adds_go_in_one_call_and_outputs_are_split_per_step():
+    async def run():
+        actor = FakeActor()
+        client = EngineClient(actor, INFO)
+        a, b = await asyncio.gather(client.add_request("a", [1], SamplingParams(n=2)),
+                                    client.add_request("b", [1], SamplingParams()))
+        assert [[op[:2] for op in batch] for batch in actor.batches] == [[("add", "a"), ("add", "b")]]
+        actor.push(out("a", 0), out("b", 0), out("a", 1))
+        actor.push(out("a", 0, finish="length"), out("b", 0, finish="stop"))
+        actor.push(out("a", 1, (6,), "length"))
+        assert await drain(a) == [[(0, [5], None), (1, [5], None)], [(0, [5], "length")], [(1, [6], "length")]]
+        assert await drain(b) == [[(0, [5], None)], [(0, [5], "stop")]]
+        assert client.num_open_streams == 0
+    asyncio.run(run())
+
+
+def test_validation_errors_raise_from_add_request():
+    async def run():
+        actor = FakeActor()
+        actor.replies = {"bad": ("invalid", "prompt_token_ids", "must not be empty"),
+                         "full": ("queue_full", "9 waiting")}
+        client = EngineClient(actor, INFO)
+        with pytest.raises(InvalidRequestError) as e:
+            await client.add_request("bad", [], SamplingParams())
+        assert e.value.field == "prompt_token_ids"
+        with pytest.raises(QueueFullError):
+            await client.add_request("full", [1], SamplingParams())
+        assert client.num_open_streams == 0
+    asyncio.run(run())
+
+
+def test_abort_ends_the_stream_at_once_and_finish_ends_a_sibling():
+    async def run():
+        actor = FakeActor()
+        client = EngineClient(actor, INFO)
+        a = await client.add_request("a", [1], SamplingParams())
+        b = await client.add_request("b", [1], SamplingParams(n=2))
+        actor.push(out("a"), out("b", 0), out("b", 1))
+        assert len(await a.__anext__()) == len(await b.__anext__()) - 1 == 1
+        await client.abort("a")
+        assert await drain(a) == [[(0, [], "abort")]]
+        await client.finish("b", 0, "STOP")
+        actor.push(out("b", 0), out("b", 1, finish="length"))  # sibling 0's late token is dropped
+        assert await drain(b) == [[(1, [5], "length")]]
+        assert [op for batch in actor.batches for op in batch if op[0] != "add"] == [
+            ("abort", "a"), ("finish", "b", 0, "STOP")]
+    asyncio.run(run())
+
+
+def test_a_reply_lost_with_its_event_loop_is_sent_again():
+    actor = FakeActor()
+    client = EngineClient(actor, INFO)
+
+    async def first():
+        stream = await client.add_request("a", [1], SamplingParams(max_tokens=3))
+        actor.push(out("a"))
+        return (await stream.__anext__())[0].new_token_ids
+
+    assert asyncio.run(first()) == [5]  # its loop closes with the next poll in flight
+
+    async def second():
+        stream = await client.add_request("b", [1], SamplingParams())
+        actor.push(out("b", tokens=(7,)))
+        actor.push(out("b", tokens=(8,), finish="stop"))
+        return await drain(stream)
+
+    assert asyncio.run(second()) == [[(0, [7], None)], [(0, [8], "stop")]]
+    assert ("abort", "a") in [op for batch in actor.batches for op in batch]  # the orphan is freed
+
+
+def test_actor_death_ends_streams_with_engine_dead_and_restart_serves_again():
+    async def run():
+        actor = FakeActor()
+        client = EngineClient(actor, INFO)
+        a = await client.add_request("a", [1], SamplingParams())
+        actor.push(out("a"))
+        await a.__anext__()
+        actor.die()
+        with pytest.raises(EngineDeadError):
+            await a.__anext__()
+        with pytest.raises(EngineDeadError):
+            await client.add_request("b", [1], SamplingParams())
+        actor.restart()
+        b = await client.add_request("b", [1], SamplingParams())
+        actor.push(out("b", finish="stop"))
+        assert await drain(b) == [[(0, [5], "stop")]]
+        client.close()
+    asyncio.run(run())
