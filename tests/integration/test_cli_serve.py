@@ -1,0 +1,95 @@
+"""`folovllm serve` end to end: embedded Ray, the engine's actors and the gRPC frontend in one
+process, driven by the Python client and the CLI the way an operator would (loopback only)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster.client import Client, FolovllmError
+from scheduler.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+PROMPTS = ["The capital of France is", "你好，世界", "def f(x):"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+         "--max-model-len", "256", "--num-gpu-blocks", "256", "--host", "127.0.0.1", "--port", str(port),
+         "--drain-timeout-s", "5"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"folovllm serve exited early:\n{proc.stdout.read()}"
+        try:
+            with Client(target, timeout=2) as client:
+                client.model_info()
+            break
+        except FolovllmError:
+            assert time.monotonic() < deadline, "folovllm serve did not come up in 120 s"
+            time.sleep(0.5)
+    yield proc, target
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_streamed_output_equals_offline_output(server, tiny_model_dir):
+    from cluster.llm import LLM
+
+    _, target = server
+    offline = LLM(str(tiny_model_dir), device="cpu", max_model_len=256, num_gpu_blocks=256)
+    expected = [o.outputs[0] for o in offline.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    with Client(target, timeout=60) as client:
+        for prompt, want in zip(PROMPTS, expected):
+            deltas = list(client.generate_stream(prompt, GREEDY))
+            assert [t for d in deltas for t in d.token_ids] == want.token_ids
+            assert "".join(d.text for d in deltas) == want.text
+            assert deltas[-1].finish_reason == "length"
+
+
+def test_cli_generate_and_status_against_the_server(server):
+    _, target = server
+    out = cli("generate", "The capital of France is", "--server", target, "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    with Client(target, timeout=60) as client:
+        expected = client.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8)).text
+    assert out.stdout.strip() == expected.strip()
+    status = cli("status", "--server", target)
+    assert status.returncode == 0, status.stderr
+    assert "live" in status.stdout
+
+
+def test_sigterm_drains_and_exits(server):
+    proc, target = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    with pytest.raises(FolovllmError):
+        with Client(target, timeout=2) as client:
+            client.model_info()
+
+
+def test_bad_engine_option_fails_fast_with_the_key(tiny_model_dir):
+    out = cli("serve", "--model", str(tiny_model_dir), "--max-num-seqs", "0")
+    assert out.returncode == 2
+    assert "max_num_seqs" in out.stderr and "greater than or equal to 1" in out.stderr
