@@ -51,6 +51,16 @@ class IllegalTransitionError(RuntimeError):
     """A scheduler bug: a sequence was moved between states in a way the lifecycle forbids."""
 
 
+def token_slice(prompt_token_ids: list[int], output_token_ids: list[int], start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
+    num_prompt = len(prompt_token_ids)
+    if end <= num_prompt:
+        return prompt_token_ids[start:end]
+    if start >= num_prompt:
+        return output_token_ids[start - num_prompt:end - num_prompt]
+    return prompt_token_ids[start:] + output_token_ids[:end - num_prompt]
+
+
 class Sequence:
     """One sibling of a request: what the scheduler batches and a replica holds state for.
 
@@ -108,13 +118,7 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
-        num_prompt = len(self.prompt_token_ids)
-        if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt:end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
+        return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self._status.name}, tokens={self.num_tokens}, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.output import SchedulerOutput
+from scheduler.request import token_slice
 from scheduler.sampling_params import SamplingParams
 
 
@@ -40,12 +41,7 @@ class CachedRequestState:
         return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        num_prompt = len(self.prompt_token_ids)
-        if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt:end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
+        return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
 
 @dataclass
