@@ -5,7 +5,7 @@ from pathlib import Path
 
 from cluster.config import EngineConfig
 from scheduler.errors import InvalidRequestError
-from workers.model_configs import GENERATION_CONFIG, max_context_len, resolve_model
+from workers.model_configs import BUILTIN_CONFIGS, GENERATION_CONFIG, max_context_len, resolve_model
 
 
 @dataclass
@@ -19,7 +19,12 @@ class ResolvedModel:
 
 def resolve(config: EngineConfig) -> ResolvedModel:
     m = config.model
-    hf_config, model_dir = resolve_model(m.model, m.revision)
+    try:
+        hf_config, model_dir = resolve_model(m.model, m.revision)
+    except (OSError, ValueError) as e:  # a missing path, a bad repo id, no network, not qwen3
+        raise InvalidRequestError("model", f"{m.model!r} is not a local directory with config.json, a built-in "
+                                           f"id ({', '.join(BUILTIN_CONFIGS)}) or a reachable Qwen3 hub model: "
+                                           f"{e}") from None
     try:
         max_model_len = max_context_len(hf_config, m.max_model_len)
     except ValueError as e:

@@ -5,6 +5,10 @@ and appends it to --out/results.jsonl; plots are written when matplotlib is ther
   python -m cluster.benchmarks.offline hf          # transformers on the same workload and GPU
   python -m cluster.benchmarks.offline latency     # batch 1 (128 in, 512 out), then batches 8, 32, 128
   python -m cluster.benchmarks.offline prefix      # TTFT with a shared 2k-token prefix, cold and warm
+
+--use-ray runs the same engine through the SchedulerActor and WorkerActors (the served path), so
+`throughput` and `latency` with and without it give the Ray path's throughput ratio and the time
+it adds per decode step; --data-parallel-size 2 against 1 gives data-parallel scaling.
 """
 import argparse
 import json
@@ -22,7 +26,10 @@ def _sync() -> None:
 
 
 def _emit(args, result: dict) -> None:
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **result}
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "dp": args.data_parallel_size, "tp": args.tensor_parallel_size,
+              "path": "ray" if (args.use_ray or args.data_parallel_size > 1 or args.tensor_parallel_size > 1)
+              else "in-process", **result}
     print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -35,7 +42,8 @@ def _make_llm(args, **overrides):
 
     kwargs = dict(load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-                  attention_backend=args.attention_backend)
+                  attention_backend=args.attention_backend, data_parallel_size=args.data_parallel_size,
+                  tensor_parallel_size=args.tensor_parallel_size, use_ray=args.use_ray or None)
     kwargs.update(overrides)
     return LLM(args.model, **kwargs)
 
@@ -155,6 +163,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--data-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--use-ray", action="store_true", help="Ray actors even for one replica (the served path)")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="8,32,128")

@@ -89,3 +89,13 @@ def test_cli_flags_override_yaml(tmp_path):
     args = build_parser().parse_args(["generate", "hi", "--config", str(path), "--max-num-seqs", "9"])
     config = engine_config_from_args(args)
     assert (config.model.model, config.scheduler.max_num_seqs, config.cache.block_size) == ("tiny", 9, 8)
+
+
+def test_unknown_model_is_named_with_what_is_accepted(tmp_path):
+    from cluster.model_info import resolve
+
+    with pytest.raises(InvalidRequestError, match="model: .*not a local directory with config.json.*Qwen/Qwen3-0.6B"):
+        resolve(EngineConfig.from_flat(model=str(tmp_path / "missing")))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InvalidRequestError, match="qwen3 only"):
+        resolve(EngineConfig.from_flat(model=str(tmp_path)))
