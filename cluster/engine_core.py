@@ -4,6 +4,7 @@ The in-process engine runs it directly; the Ray SchedulerActor hosts the same ob
 executors. One iteration = one forward pass on every replica, all replicas stepping at once.
 """
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +21,14 @@ class StepHandle(Protocol):
 
 
 class Executor(Protocol):
-    """Runs one replica's steps: in-process, or on its Ray worker actors."""
+    """Runs one replica's steps: in-process, or on its Ray worker actors.
+
+    overlaps_steps: submit returns at once and steps run in submission order, so the engine may
+    schedule and submit step N+1 before collecting step N (an in-process executor runs the step
+    inside submit, where scheduling ahead would only waste tokens).
+    """
+
+    overlaps_steps: bool
 
     def submit(self, step: SchedulerOutput) -> StepHandle: ...
 
@@ -37,6 +45,7 @@ class Replica:
     scheduler: Scheduler
     executor: Executor | None
     restarts: int = 0
+    inflight: deque = field(default_factory=deque)  # (SchedulerOutput, StepHandle), oldest first
 
     @property
     def live(self) -> bool:
@@ -54,6 +63,7 @@ class _Placement:
 @dataclass
 class EngineCore:
     replicas: list[Replica]
+    async_scheduling: bool = True  # keep a step in flight on executors that overlap steps
     placements: dict[str, int] = field(default_factory=dict)  # request id -> replica id
     pending: list = field(default_factory=list)  # drained work waiting for a live replica
 
@@ -93,19 +103,28 @@ class EngineCore:
                 self.placements.pop(req_id, None)
 
     def has_unfinished(self) -> bool:
-        return any(r.scheduler.has_unfinished_requests() for r in self.replicas)
+        return any(r.scheduler.has_unfinished_requests() or r.inflight for r in self.replicas)
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule every live replica, run them concurrently, collect their outputs."""
+        """Submit the next step of every live replica, then collect each one's oldest step.
+
+        Replicas that overlap steps keep one step in flight while the previous one is collected,
+        so scheduling and output handling hide behind the device; all replicas step concurrently.
+        """
         if not any(r.live for r in self.replicas):
             raise EngineDeadError("no replica is live")
-        running = []
         for replica in self.replicas:
-            if replica.live and replica.scheduler.has_unfinished_requests():
+            depth = 2 if replica.live and self.async_scheduling and replica.executor.overlaps_steps else 1
+            while replica.live and len(replica.inflight) < depth and replica.scheduler.has_unfinished_requests():
                 step = replica.scheduler.schedule()
-                running.append((replica, step, replica.executor.submit(step)))
+                if step.is_empty:
+                    break
+                replica.inflight.append((step, replica.executor.submit(step)))
         outputs: list[EngineCoreOutput] = []
-        for replica, step, handle in running:
+        for replica in self.replicas:
+            if not replica.inflight:
+                continue
+            step, handle = replica.inflight.popleft()
             try:
                 result = handle.result()
             except ReplicaDiedError:
@@ -127,6 +146,7 @@ class EngineCore:
         if replica.executor is not None:
             replica.executor.shutdown()
         replica.executor = None
+        replica.inflight.clear()  # their sequences are drained below and recomputed elsewhere
         drained = replica.scheduler.drain_requests()
         live = [r for r in self.replicas if r.live]
         for group in drained:

@@ -12,6 +12,8 @@ class _Done:
 
 
 class LocalExecutor:
+    overlaps_steps = False  # the step runs inside submit: nothing to overlap with
+
     def __init__(self, worker: Worker):
         self.worker = worker
 

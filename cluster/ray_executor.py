@@ -67,7 +67,14 @@ class _CompiledHandle:
 
 
 class RayExecutor:
-    """The Executor of engine_core for one replica. Not thread-safe: one step thread submits."""
+    """The Executor of engine_core for one replica. Not thread-safe: one step thread submits.
+
+    Steps run on the workers in submission order (a compiled graph's executions, and an actor's
+    calls from one caller, are ordered), so the engine keeps one step in flight while it handles
+    the previous one: the worker feeds each sampled token into the next step itself.
+    """
+
+    overlaps_steps = True
 
     def __init__(self, workers: list, placement_group: PlacementGroup | None = None,
                  use_compiled_graph: bool | None = None, replica_id: int = 0):

@@ -73,7 +73,8 @@ class SchedulerActor:
         dp = config.parallel.data_parallel_size
         remove_stale_placement_groups(engine_id)  # left by a previous incarnation, if Ray restarted us
         started = start_replicas(self.plan, list(range(dp)))
-        self.core = EngineCore([Replica(i, self._new_scheduler(s), s.executor) for i, s in enumerate(started)])
+        self.core = EngineCore([Replica(i, self._new_scheduler(s), s.executor) for i, s in enumerate(started)],
+                               async_scheduling=config.runtime.async_scheduling)
         m = self.plan.model
         self.model_info = ModelInfo(config.model.model, m.max_model_len, m.hf_config.vocab_size,
                                     list(m.eos_token_ids))
@@ -270,7 +271,7 @@ class SchedulerActor:
             while not self._stopping:
                 if self._apply_ops():
                     self._status = self._snapshot()
-                if any(r.live and r.scheduler.has_unfinished_requests() for r in self.core.replicas):
+                if any(r.live and (r.scheduler.has_unfinished_requests() or r.inflight) for r in self.core.replicas):
                     outputs = self.core.step()
                     self._last_progress = time.monotonic()
                     self._status = self._snapshot()  # before the outputs: a finished client sees it

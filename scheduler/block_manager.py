@@ -92,7 +92,8 @@ class BlockManager:
         """Make seq's full computed blocks findable. Call once their KV is written (after the step)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # blocks whose tokens are all known: KV computed past num_tokens is for pending samples
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         start = self._num_hashed_blocks.get(seq.seq_id, 0)
         for i in range(start, num_full):
             block_hash, block_id = self._seq_block_hash(seq, i), seq.block_ids[i]

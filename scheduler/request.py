@@ -81,6 +81,10 @@ class Sequence:
         self.prompt_token_ids = request.prompt_token_ids  # shared by the siblings, never mutated
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is (or is being) written this step
+        # tokens sampled by steps in flight and not yet appended: the scheduler may schedule the
+        # next step before the last one's token is back (the worker feeds it in), so a sequence
+        # counts as num_tokens + num_pending long; its KV past num_tokens is for those tokens
+        self.num_pending = 0
         self.num_cached_tokens = 0  # prompt tokens not computed at first admission: prefix hit or fork
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of full token blocks, filled lazily

@@ -195,7 +195,7 @@ class Scheduler:
             cached.new_block_ids.append(new_block_ids)
             cached.num_computed_tokens.append(seq.num_computed_tokens)
             num_scheduled[seq.seq_id] = num_new
-            seq.num_computed_tokens += num_new
+            self._advance(seq, num_new)
             budget -= num_new
             i += 1
 
@@ -211,7 +211,7 @@ class Scheduler:
                 seq.seq_id, seq.prompt_token_ids, list(seq.output_token_ids), seq.sampling_params,
                 seq.index, list(seq.block_ids), seq.num_computed_tokens))
             num_scheduled[seq.seq_id] = num_new
-            seq.num_computed_tokens += num_new
+            self._advance(seq, num_new)
             budget -= num_new
 
         finished, self.finished_seq_ids = self.finished_seq_ids, []
@@ -219,11 +219,24 @@ class Scheduler:
         return SchedulerOutput(self._step_id, new_reqs, cached, num_scheduled,
                                self.config.max_num_batched_tokens - budget, finished)
 
+    def _advance(self, seq: Sequence, num_new: int) -> None:
+        seq.num_computed_tokens += num_new
+        if seq.num_computed_tokens == seq.num_tokens + seq.num_pending:
+            seq.num_pending += 1  # caught up: this step samples its next token
+
     def _num_new_tokens(self, seq: Sequence, num_computed: int, budget: int) -> int:
-        num_new = seq.num_tokens - num_computed
+        if seq.num_pending and self._last_token_in_flight(seq):
+            return 0  # scheduled ahead, it would only compute a token past its end
+        num_new = seq.num_tokens + seq.num_pending - num_computed
         if num_new > budget and not self.config.enable_chunked_prefill:
             return 0  # without chunking a prefill runs whole or not at all
         return min(num_new, budget)
+
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        num_output = seq.num_output_tokens + seq.num_pending
+        max_tokens = seq.sampling_params.max_tokens
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or seq.num_prompt_tokens + num_output >= self.max_seq_len)
 
     def _make_room(self, seq: Sequence, num_new: int) -> bool:
         """Preempt from the running tail until seq's next tokens fit; False if seq itself went."""
@@ -297,6 +310,7 @@ class Scheduler:
 
     def _append_tokens(self, seq: Sequence, token_ids: list[int],
                        logprobs: TokenLogprobs | None) -> EngineCoreOutput:
+        seq.num_pending -= len(token_ids)
         for n, token_id in enumerate(token_ids, 1):
             seq.output_token_ids.append(token_id)
             status = self._check_stop(seq, token_id)
@@ -351,3 +365,4 @@ class Scheduler:
             seq.status = status
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_pending = 0  # samples still in flight for it are dropped by update_from_output

@@ -28,7 +28,7 @@ def _sync() -> None:
 def _emit(args, result: dict) -> None:
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "dp": args.data_parallel_size, "tp": args.tensor_parallel_size,
-              "path": "ray" if (args.use_ray or args.data_parallel_size > 1 or args.tensor_parallel_size > 1)
+              "async_scheduling": not args.no_async_scheduling, "path": "ray" if (args.use_ray or args.data_parallel_size > 1 or args.tensor_parallel_size > 1)
               else "in-process", **result}
     print(json.dumps(result), flush=True)
     out = Path(args.out)
@@ -43,7 +43,8 @@ def _make_llm(args, **overrides):
     kwargs = dict(load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   attention_backend=args.attention_backend, data_parallel_size=args.data_parallel_size,
-                  tensor_parallel_size=args.tensor_parallel_size, use_ray=args.use_ray or None)
+                  tensor_parallel_size=args.tensor_parallel_size, use_ray=args.use_ray or None,
+                  async_scheduling=not args.no_async_scheduling)
     kwargs.update(overrides)
     return LLM(args.model, **kwargs)
 
@@ -166,6 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--use-ray", action="store_true", help="Ray actors even for one replica (the served path)")
+    p.add_argument("--no-async-scheduling", action="store_true", help="Ray path: collect each step before the next")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="8,32,128")

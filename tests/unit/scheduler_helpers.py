@@ -197,3 +197,26 @@ def run_to_completion(scheduler: Scheduler, runner: FakeModelRunner | None = Non
             return results
         run_steps(scheduler, runner, 1, results)
     raise AssertionError(f"not finished after {max_steps} steps: {list(scheduler.requests)}")
+
+
+def run_overlapped(scheduler: Scheduler, runner: FakeModelRunner | None = None, max_steps: int = 5000,
+                   results: dict | None = None, on_step: Callable | None = None) -> dict[tuple[str, int], SeqResult]:
+    """Like run_to_completion, but step N+1 is scheduled (and run by the replica, which executes
+    steps in order) before step N's output reaches the scheduler, as the Ray engine does."""
+    runner = runner or FakeModelRunner(scheduler.block_size)
+    results = {} if results is None else results
+    inflight: list[tuple[SchedulerOutput, ModelRunnerOutput]] = []
+    for n in range(max_steps):
+        while len(inflight) < 2 and scheduler.has_unfinished_requests():
+            step = scheduler.schedule()
+            check_step(scheduler, step)
+            if step.is_empty:
+                break
+            inflight.append((step, runner.execute_model(step)))
+        if not inflight:
+            return results
+        step, output = inflight.pop(0)
+        collect(results, scheduler.update_from_output(step, output))
+        if on_step is not None:
+            on_step(n, scheduler)
+    raise AssertionError(f"not finished after {max_steps} steps: {list(scheduler.requests)}")
