@@ -1,4 +1,4 @@
-"""The `folovllm` command: serve over gRPC, generate, chat, status."""
+"""The `folovllm` command: serve over gRPC, generate, chat, status, bench."""
 import argparse
 import asyncio
 import sys
@@ -109,6 +109,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from cluster.benchmarks import serve_bench
+
+    return serve_bench.run(args)
+
+
+def cmd_bench_offline(args) -> int:
+    from cluster.benchmarks import offline
+
+    offline.main([args.which, *args.argv])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cluster.cli_args import add_engine_args, add_model_args
     from cluster.grpc_config import GrpcServerOptions
@@ -137,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="replicas, queues and cache of a running server")
     _client_args(status, required=True)
     status.set_defaults(func=cmd_status)
+
+    from cluster.benchmarks import serve_bench
+
+    bench = sub.add_parser("bench", help="benchmarks: online serving against a server, or the offline engine")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_serve = bench_sub.add_parser("serve", help="TTFT, TPOT, ITL, throughput and goodput of a running server "
+                                       "over a sweep of request rates (like `vllm bench serve`)")
+    serve_bench.add_args(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
+    offline = bench_sub.add_parser("offline", help="the engine in this process (cluster.benchmarks.offline)")
+    offline.add_argument("which", choices=["throughput", "hf", "latency", "prefix"])
+    offline.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGS",
+                         help="passed on; `folovllm bench offline throughput --help` lists them")
+    offline.set_defaults(func=cmd_bench_offline)
     return parser
 
 
