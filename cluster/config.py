@@ -27,7 +27,7 @@ class RuntimeConfig(BaseModel):
         "auto", description="Attention kernels: auto picks triton on CUDA and torch on the CPU.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs for decode steps.")
     async_scheduling: bool = Field(
-        True, description="Ray engine: schedule step N+1 while step N runs, so scheduling hides behind the device.")
+        True, description="Schedule and prepare step N+1 while step N runs, so host work hides behind the device.")
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {

@@ -54,7 +54,8 @@ class LLMEngine:
         else:
             self.worker = build_local_worker(config, self.model)
             scheduler = build_scheduler(config, self.model, self.worker.runner.num_blocks)
-            self.core = EngineCore([Replica(0, scheduler, LocalExecutor(self.worker))])
+            self.core = EngineCore([Replica(0, scheduler, LocalExecutor(self.worker))],
+                                   async_scheduling=config.runtime.async_scheduling)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
 

@@ -1,24 +1,18 @@
 """The in-process executor: one replica's Worker in this process, for a single-replica engine."""
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from scheduler.output import SchedulerOutput
+from workers.model_runner import StepHandle
 from workers.worker import Worker
 
 
-class _Done:
-    def __init__(self, output: ModelRunnerOutput):
-        self.output = output
-
-    def result(self) -> ModelRunnerOutput:
-        return self.output
-
-
 class LocalExecutor:
-    overlaps_steps = False  # the step runs inside submit: nothing to overlap with
+    # submit enqueues the step on the device and returns: the next step is prepared while it runs
+    overlaps_steps = True
 
     def __init__(self, worker: Worker):
         self.worker = worker
 
-    def submit(self, step: SchedulerOutput) -> _Done:
-        return _Done(self.worker.execute_model(step))
+    def submit(self, step: SchedulerOutput) -> StepHandle:
+        return self.worker.launch(step)
 
     def shutdown(self) -> None:
         pass

@@ -61,8 +61,8 @@ class DecodeGraphs:
         return (num_seqs <= self.sizes[-1] and len(inputs.input_ids) == num_seqs
                 and inputs.block_tables.shape[1] <= self.block_tables.shape[1])
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """hidden states [num_seqs, H] of a decode-only step."""
+    def run(self, inputs: StepInputs, fill=None) -> torch.Tensor:
+        """hidden states [num_seqs, H] of a decode-only step; fill(input_ids) as ModelRunner._forward."""
         n = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= n)
         width = inputs.block_tables.shape[1]
@@ -73,5 +73,7 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(torch.from_numpy(inputs.seq_lens), non_blocking=True)
         self.seq_lens[n:bs].fill_(0)
         self.block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        if fill is not None:
+            fill(self.input_ids)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -22,6 +22,7 @@ class CachedRequestState:
     sibling_index: int
     block_ids: list[int]
     num_computed_tokens: int
+    num_pending: int = 0  # tokens sampled by a launched step and not yet appended (0 or 1)
 
     def __post_init__(self):
         # the block table as an array too, so a step copies it row-wise instead of converting lists
@@ -57,6 +58,9 @@ class StepInputs:
     block_tables: np.ndarray  # [S, max_blocks] int32
     logits_indices: np.ndarray  # [N] int64: last token of each sequence that samples this step
     sampling_req_ids: list[str]  # [N] the sequences that sample
+    # input tokens still on the device: (index into input_ids, req_id) of tokens sampled by the
+    # step in flight, which the runner copies in on the device (placeholders 0 in input_ids)
+    pending_inputs: list[tuple[int, str]]
 
 
 class InputBatch:
@@ -89,17 +93,21 @@ class InputBatch:
         seq_lens = np.empty(len(req_ids), dtype=np.int32)
         max_blocks = max((len(s.block_ids) for s in states), default=1)
         block_tables = np.zeros((len(req_ids), max(max_blocks, 1)), dtype=np.int32)
-        logits_indices, sampling_req_ids = [], []
+        logits_indices, sampling_req_ids, pending_inputs = [], [], []
         for i, state in enumerate(states):
             n = int(num_tokens[i])
             start, end, lo = state.num_computed_tokens, state.num_computed_tokens + n, int(query_start_loc[i])
-            if n == 1:  # decode: the common case, kept cheap
+            if start == state.num_tokens:  # only a decode is scheduled past the known tokens
+                assert state.num_pending and n == 1, f"{state.req_id}: scheduled past its tokens"
+                input_ids[lo] = 0
+                pending_inputs.append((lo, state.req_id))
+            elif n == 1:  # decode: the common case, kept cheap
                 input_ids[lo] = state.token_at(start)
             else:
                 input_ids[lo:lo + n] = state.token_slice(start, end)
             seq_lens[i] = end
             block_tables[i, :len(state.block_array)] = state.block_array
-            if end == state.num_tokens:  # caught up: this step's last logits give the next token
+            if end == state.num_tokens + state.num_pending:  # caught up: the last logits give the next token
                 logits_indices.append(lo + n - 1)
                 sampling_req_ids.append(state.req_id)
         row_of_token = np.repeat(np.arange(len(req_ids)), num_tokens)
@@ -107,4 +115,5 @@ class InputBatch:
         positions = (np.arange(total) - query_start_loc[row_of_token] + (seq_lens - num_tokens)[row_of_token])
         slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         return StepInputs(req_ids, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
-                          block_tables, np.asarray(logits_indices, dtype=np.int64), sampling_req_ids)
+                          block_tables, np.asarray(logits_indices, dtype=np.int64), sampling_req_ids,
+                          pending_inputs)

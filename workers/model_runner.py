@@ -37,6 +37,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self._inflight: StepHandle | None = None  # the last launched step, until collected
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.hf_config, self.device, self.dtype, self.parallel,
@@ -83,30 +84,50 @@ class ModelRunner:
                      SamplingTensors.from_states(states, self.hf_config.vocab_size, self.device, self.eos_token_ids))
         del kv_caches, hidden
 
-    @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput) -> "StepHandle":
+        """Enqueue a step on the device and return at once; result() waits for its tokens.
+
+        The next step may be launched before this one is collected: tokens it needs from this
+        one are copied in on the device. A sequence whose sampling reads its own history
+        (penalties, min_tokens, a seed's position) waits for the step in flight instead.
+        """
+        prev = self._inflight
+        if prev is not None and any(_needs_history(self.batch.requests[r]) for r in step.num_scheduled_tokens
+                                    if r in self.batch.requests):
+            prev.result()
+            prev = None
         self.batch.update(step)
         if step.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [], [])
+            return StepHandle.ready(ModelRunnerOutput([], [], []))
         inputs = self.batch.prepare(step)
-        logits = self._forward(inputs)
+        fill = None
+        if inputs.pending_inputs:
+            assert prev is not None and not prev.collected, "a pending input token with no step in flight"
+            fill = prev.token_source([r for _, r in inputs.pending_inputs], [i for i, _ in inputs.pending_inputs])
+        logits = self._forward(inputs, fill)
         states = [self.batch.requests[r] for r in inputs.sampling_req_ids]
-        sampled, logprobs = self._sample(logits, states)
-        for state, token in zip(states, sampled):
-            state.output_token_ids.append(token)
-        by_req = dict(zip(inputs.sampling_req_ids, zip(sampled, logprobs)))
-        sampled_ids = [[by_req[r][0]] if r in by_req else [] for r in inputs.req_ids]
-        lps = [by_req[r][1] if r in by_req else None for r in inputs.req_ids]
-        return ModelRunnerOutput(inputs.req_ids, sampled_ids, lps)
+        token_ids, logprobs = self._sample(logits, states)
+        handle = StepHandle(self, inputs, states, token_ids, logprobs)
+        self._inflight = handle
+        return handle
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _to_device(self, a) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        # pinned: the copy is truly asynchronous, so it does not wait for the step in flight
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+
+    def _forward(self, inputs: StepInputs, fill=None) -> torch.Tensor:
+        """fill(input_ids on the device) copies in the input tokens still on the device."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
-            hidden = self.decode_graphs.run(inputs)
+            hidden = self.decode_graphs.run(inputs, fill)
             if len(inputs.logits_indices) < len(hidden):  # a 1-token prefill chunk that doesn't sample
                 hidden = hidden[torch.from_numpy(inputs.logits_indices).to(self.device)]
             return self.model.compute_logits(hidden)
-        dev = self.device
-        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+        to_dev = self._to_device
         metadata = AttentionMetadata(
             slot_mapping=to_dev(inputs.slot_mapping),
             query_start_loc=to_dev(inputs.query_start_loc),
@@ -117,14 +138,80 @@ class ModelRunner:
             max_query_len=int((inputs.query_start_loc[1:] - inputs.query_start_loc[:-1]).max()),
             max_seq_len=int(inputs.seq_lens.max()),
         )
-        hidden = self.model(to_dev(inputs.input_ids), to_dev(inputs.positions), self.kv_caches, metadata)
+        input_ids = to_dev(inputs.input_ids)
+        if fill is not None:
+            fill(input_ids)
+        hidden = self.model(input_ids, to_dev(inputs.positions), self.kv_caches, metadata)
         return self.model.compute_logits(hidden[to_dev(inputs.logits_indices)])
 
-    def _sample(self, logits: torch.Tensor, states) -> tuple[list[int], list]:
+    def _sample(self, logits: torch.Tensor, states) -> tuple[torch.Tensor, list]:
+        """Token ids [N] still on the device, and logprobs lists (None where not asked)."""
         if not states:
-            return [], []
+            return torch.empty(0, dtype=torch.long, device=self.device), []
         tensors = SamplingTensors.from_states(states, self.hf_config.vocab_size, self.device,
                                              self.eos_token_ids)
         out = self.sampler(logits, tensors)
         logprobs = out.logprobs if out.logprobs is not None else [None] * len(states)
-        return out.token_ids.tolist(), logprobs
+        return out.token_ids, logprobs
+
+
+def _needs_history(state: CachedRequestState) -> bool:
+    """Sampling that reads the sequence's outputs, which a token in flight would leave short."""
+    if not state.num_pending:
+        return False
+    p = state.sampling_params
+    return (p.seed is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0 or len(state.output_token_ids) + state.num_pending <= p.min_tokens)
+
+
+class StepHandle:
+    """A launched step: its sampled tokens on the device, copied to the host without blocking."""
+
+    def __init__(self, runner: ModelRunner | None, inputs: StepInputs | None, states, token_ids, logprobs):
+        self.runner, self.inputs, self.states = runner, inputs, states
+        self.token_ids, self.logprobs = token_ids, logprobs  # [N] on the device
+        self.row_of = {s.req_id: i for i, s in enumerate(states)}
+        self._output: ModelRunnerOutput | None = None
+        for state in states:
+            state.num_pending += 1
+        self._host = token_ids
+        self._event = None
+        if token_ids is not None and token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    @classmethod
+    def ready(cls, output: ModelRunnerOutput) -> "StepHandle":
+        handle = cls(None, None, [], None, [])
+        handle._output = output
+        return handle
+
+    @property
+    def collected(self) -> bool:
+        return self._output is not None
+
+    def token_source(self, req_ids: list[str], positions: list[int]):
+        """fill(input_ids): input_ids[positions] = this step's tokens of req_ids, on the device."""
+        rows = torch.tensor([self.row_of[r] for r in req_ids], device=self.token_ids.device)
+        index = torch.tensor(positions, device=self.token_ids.device)
+        return lambda input_ids: input_ids.index_copy_(0, index, self.token_ids.index_select(0, rows))
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is not None:
+            return self._output
+        if self._event is not None:
+            self._event.synchronize()
+        sampled = self._host.tolist()
+        for state, token in zip(self.states, sampled):
+            state.output_token_ids.append(token)  # a state dropped meanwhile is simply left behind
+            state.num_pending -= 1
+        by_req = dict(zip(self.inputs.sampling_req_ids, zip(sampled, self.logprobs)))
+        self._output = ModelRunnerOutput(
+            self.inputs.req_ids, [[by_req[r][0]] if r in by_req else [] for r in self.inputs.req_ids],
+            [by_req[r][1] if r in by_req else None for r in self.inputs.req_ids])
+        if self.runner._inflight is self:
+            self.runner._inflight = None
+        self.runner = None
+        return self._output

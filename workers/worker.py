@@ -66,3 +66,7 @@ class Worker:
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(step)
+
+    def launch(self, step: SchedulerOutput):
+        """Enqueue the step and return its handle (result() waits for it); steps run in order."""
+        return self.runner.launch(step)

@@ -186,3 +186,24 @@ def test_chat_template(llm):
     assert prompt.startswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
     assert "<think>\n\n</think>" in prompt
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_async_scheduling_feeds_tokens_on_the_device_and_changes_nothing(tiny_model_dir, hf_reference, monkeypatch):
+    from workers.model_runner import StepHandle
+
+    fills = []
+    token_source = StepHandle.token_source
+    monkeypatch.setattr(StepHandle, "token_source", lambda self, r, p: fills.append(len(r)) or token_source(self, r, p))
+    llm = make_llm(tiny_model_dir, async_scheduling=True)
+    assert token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == hf_reference
+    assert sum(fills) > 0, "decodes should take their input token from the step still in flight"
+    check_no_leaks(llm)
+    # sampling that reads its own history (penalties, min_tokens, seeds) waits for the step in flight
+    mixed = [SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=12),
+             SamplingParams(temperature=0.0, presence_penalty=1.0, min_tokens=6, max_tokens=12),
+             greedy(max_tokens=12)]
+    overlapped = llm.generate(PROMPTS[:4], mixed, use_tqdm=False)
+    serial = make_llm(tiny_model_dir, async_scheduling=False).generate(PROMPTS[:4], mixed, use_tqdm=False)
+    assert token_ids(overlapped) == token_ids(serial)
+    check_no_leaks(llm)
