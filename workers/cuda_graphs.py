@@ -66,13 +66,17 @@ class DecodeGraphs:
         n = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= n)
         width = inputs.block_tables.shape[1]
-        self.input_ids[:n].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
+        def put(buffer: torch.Tensor, array) -> None:
+            # from pinned memory: an asynchronous copy that does not wait for the step in flight
+            buffer.copy_(torch.from_numpy(array).pin_memory(), non_blocking=True)
+
+        put(self.input_ids[:n], inputs.input_ids)
+        put(self.positions[:n], inputs.positions)
+        put(self.slot_mapping[:n], inputs.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)
-        self.seq_lens[:n].copy_(torch.from_numpy(inputs.seq_lens), non_blocking=True)
+        put(self.seq_lens[:n], inputs.seq_lens)
         self.seq_lens[n:bs].fill_(0)
-        self.block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        put(self.block_tables[:n, :width], inputs.block_tables)
         if fill is not None:
             fill(self.input_ids)
         self.graphs[bs].replay()

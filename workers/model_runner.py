@@ -116,16 +116,14 @@ class ModelRunner:
         return handle
 
     def _to_device(self, a) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        # pinned: the copy is truly asynchronous, so it does not wait for the step in flight
-        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+        return _host_to(torch.from_numpy(a), self.device)
 
     def _forward(self, inputs: StepInputs, fill=None) -> torch.Tensor:
         """fill(input_ids on the device) copies in the input tokens still on the device."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs, fill)
             if len(inputs.logits_indices) < len(hidden):  # a 1-token prefill chunk that doesn't sample
-                hidden = hidden[torch.from_numpy(inputs.logits_indices).to(self.device)]
+                hidden = hidden[self._to_device(inputs.logits_indices)]
             return self.model.compute_logits(hidden)
         to_dev = self._to_device
         metadata = AttentionMetadata(
@@ -153,6 +151,11 @@ class ModelRunner:
         out = self.sampler(logits, tensors)
         logprobs = out.logprobs if out.logprobs is not None else [None] * len(states)
         return out.token_ids, logprobs
+
+
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # through pinned memory the copy is truly asynchronous: it never waits for the step in flight
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _needs_history(state: CachedRequestState) -> bool:
@@ -194,8 +197,8 @@ class StepHandle:
 
     def token_source(self, req_ids: list[str], positions: list[int]):
         """fill(input_ids): input_ids[positions] = this step's tokens of req_ids, on the device."""
-        rows = torch.tensor([self.row_of[r] for r in req_ids], device=self.token_ids.device)
-        index = torch.tensor(positions, device=self.token_ids.device)
+        device = self.token_ids.device
+        rows, index = (_host_to(torch.tensor(v), device) for v in ([self.row_of[r] for r in req_ids], positions))
         return lambda input_ids: input_ids.index_copy_(0, index, self.token_ids.index_select(0, rows))
 
     def result(self) -> ModelRunnerOutput:
