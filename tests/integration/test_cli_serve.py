@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.client import Client, FolovllmError
+from cluster.client import Client, DeadlineExceeded, FolovllmError
 from scheduler.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -78,6 +78,36 @@ def test_cli_generate_and_status_against_the_server(server):
     status = cli("status", "--server", target)
     assert status.returncode == 0, status.stderr
     assert "live" in status.stdout
+
+
+def _engine_idle(client) -> bool:
+    status = client.status()
+    return all(r.num_running == 0 and r.num_waiting == 0 and r.kv_usage == 0 for r in status.replicas)
+
+
+def _seconds_until_idle(client, limit_s: float) -> float:
+    start = time.monotonic()
+    while not _engine_idle(client):
+        assert time.monotonic() - start < limit_s, f"blocks still held: {client.status()}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_cancel_and_deadline_free_the_real_engines_blocks(server):
+    _, target = server
+    long = SamplingParams(temperature=0, max_tokens=230, ignore_eos=True)
+    with Client(target, timeout=60) as client:
+        start = time.monotonic()
+        client.generate("how long is a whole run", long)
+        whole_s = time.monotonic() - start
+        # aborted runs must free their blocks well before a whole run would have ended
+        stream = client.generate_stream("cancel me", long)
+        next(stream)  # generation is under way
+        stream.close()  # the client cancels the call mid-stream
+        assert _seconds_until_idle(client, 30) < whole_s / 2
+        with pytest.raises(DeadlineExceeded):
+            client.generate("time me out", long, timeout=whole_s / 4)
+        assert _seconds_until_idle(client, 30) < whole_s / 2
 
 
 def test_sigterm_drains_and_exits(server):
