@@ -1,5 +1,6 @@
 """Offline benchmarks (issue: GPU fast path, item 4 a/b/c/e). Each prints one JSON line per result
-and appends it to --out/results.jsonl; plots are written when matplotlib is there.
+and appends it to --out/results.jsonl; plots of everything in that file (throughput.png,
+latency.png, prefix_cache.png) are written beside it when matplotlib is installed.
 
   python -m cluster.benchmarks.offline throughput --model Qwen/Qwen3-0.6B --load-format dummy
   python -m cluster.benchmarks.offline hf          # transformers on the same workload and GPU
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.benchmarks.plots import write_plots
 from cluster.benchmarks.workloads import fixed_workload, nano_vllm_workload
 
 
@@ -155,7 +157,8 @@ def bench_prefix(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="folovllm bench offline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", choices=["throughput", "hf", "latency", "prefix"])
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
     p.add_argument("--load-format", default="dummy")
@@ -177,6 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     {"throughput": bench_throughput, "hf": bench_hf, "latency": bench_latency, "prefix": bench_prefix}[args.bench](args)
+    for path in write_plots(args.out):
+        print(f"plot: {path}", flush=True)
 
 
 if __name__ == "__main__":
