@@ -1,8 +1,6 @@
 """`folovllm serve` end to end: embedded Ray, the engine's actors and the gRPC frontend in one
 process, driven by the Python client and the CLI the way an operator would (loopback only)."""
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +9,11 @@ import pytest
 
 from cluster.client import Client, DeadlineExceeded, FolovllmError
 from scheduler.sampling_params import SamplingParams
+from tests.integration.helpers import REPO_ROOT, start_cli_server, stop_cli_server
 
 pytestmark = pytest.mark.slow
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = ["The capital of France is", "你好，世界", "def f(x):"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -31,27 +23,9 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
-         "--max-model-len", "256", "--num-gpu-blocks", "256", "--host", "127.0.0.1", "--port", str(port),
-         "--drain-timeout-s", "5"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"folovllm serve exited early:\n{proc.stdout.read()}"
-        try:
-            with Client(target, timeout=2) as client:
-                client.model_info()
-            break
-        except FolovllmError:
-            assert time.monotonic() < deadline, "folovllm serve did not come up in 120 s"
-            time.sleep(0.5)
+    proc, target = start_cli_server(tiny_model_dir)
     yield proc, target
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    stop_cli_server(proc)
 
 
 def test_streamed_output_equals_offline_output(server, tiny_model_dir):

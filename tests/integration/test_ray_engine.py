@@ -5,7 +5,6 @@ and DP=1 x TP=2 over gloo with plain actor calls. Every greedy output is compare
 in-process engine (cluster.llm.LLM) on the same checkpoint.
 """
 import asyncio
-import os
 import random
 import time
 
@@ -17,10 +16,10 @@ from cluster.config import EngineConfig  # noqa: E402
 from cluster.launcher import NAMESPACE, launch_engine, worker_actor_name  # noqa: E402
 from scheduler.errors import EngineDeadError, InvalidRequestError  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
+from tests.integration.helpers import REPO_ROOT, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINE_ARGS = dict(max_model_len=256, block_size=16, num_gpu_blocks=256, max_num_seqs=64, device="cpu")
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 PROMPTS = [[100 + 7 * i, 2000 + i, 300, 4000 + 13 * i] * (1 + i % 3) for i in range(8)]
@@ -29,7 +28,7 @@ PROMPTS = [[100 + 7 * i, 2000 + i, 300, 4000 + 13 * i] * (1 + i % 3) for i in ra
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO_ROOT}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield
     ray.shutdown()
 
@@ -74,16 +73,6 @@ async def generate(client, request_id: str, prompt: list[int], params: SamplingP
 
 async def generate_all(client, prefix: str) -> list[list[int]]:
     return await asyncio.gather(*(generate(client, f"{prefix}-{i}", p) for i, p in enumerate(PROMPTS)))
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_dp2_greedy_matches_in_process(dp_engine, reference):

@@ -8,11 +8,9 @@ with ours through a DeploymentHandle; with two applications, gRPC calls name the
 """
 import asyncio
 import pickle
-import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -31,21 +29,15 @@ from cluster.serve_config import ServeAppArgs, ServeArgsError  # noqa: E402
 from protos.folovllm.v1 import llm_pb2 as pb  # noqa: E402
 from scheduler.errors import EngineDeadError  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
+from tests.integration.helpers import REPO_ROOT, free_port, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 APP = "folovllm"
 PROMPT = "The capital of France is"
 GREEDY = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
 TINY_ENGINE = dict(device="cpu", max_model_len=256, num_gpu_blocks=128, max_num_seqs=16,
                    max_num_batched_tokens=256)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_config(tiny_model_dir) -> dict:
@@ -242,16 +234,6 @@ def held_engine_groups() -> set[str]:
     """Ids of the placement groups our app's engines hold."""
     return {pg_id for pg_id, pg in ray.util.placement_group_table().items()
             if (pg["name"] or "").startswith(f"folovllm-serve-{APP}-") and pg["state"] != "REMOVED"}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_dead_engine_fails_health_and_serve_replaces_the_replica(cluster):

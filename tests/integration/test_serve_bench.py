@@ -2,8 +2,6 @@
 command against a real `folovllm serve` of the tiny model (loopback only)."""
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,9 +11,8 @@ import pytest
 
 from cluster.benchmarks.serve_bench import (RequestResult, parse_slos, random_prompts, request_timings, run_rate,
                                             send_times, summarize)
-from cluster.client import Client, FolovllmError
+from tests.integration.helpers import REPO_ROOT, start_cli_server, stop_cli_server
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
@@ -108,35 +105,11 @@ def test_run_rate_caps_concurrency_and_bounds_time():
 
 # ---- against a real server ----
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
-         "--max-model-len", "256", "--num-gpu-blocks", "256", "--host", "127.0.0.1", "--port", str(port),
-         "--drain-timeout-s", "5"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"folovllm serve exited early:\n{proc.stdout.read()}"
-        try:
-            with Client(target, timeout=2) as client:
-                client.model_info()
-            break
-        except FolovllmError:
-            assert time.monotonic() < deadline, "folovllm serve did not come up in 120 s"
-            time.sleep(0.5)
+    proc, target = start_cli_server(tiny_model_dir)
     yield target
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    stop_cli_server(proc)
 
 
 @pytest.mark.slow

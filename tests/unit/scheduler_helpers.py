@@ -220,3 +220,17 @@ def run_overlapped(scheduler: Scheduler, runner: FakeModelRunner | None = None, 
         if on_step is not None:
             on_step(n, scheduler)
     raise AssertionError(f"not finished after {max_steps} steps: {list(scheduler.requests)}")
+
+
+def random_workload(rng: random.Random, id_prefix: str) -> tuple[list[RequestSpec], dict, dict]:
+    """(specs, knobs of a roomy scheduler, extra knobs of a tight one that chunks and preempts)."""
+    specs = [spec for i in range(rng.randint(3, 10)) for spec in create_requests(
+        1, prompt_len=rng.randint(9, 30), max_tokens=rng.randint(1, 20), n=rng.choice([1, 1, 2, 3]),
+        start=i, priority=rng.randint(0, 2), id_prefix=id_prefix, prefix=[7] * rng.choice([0, 4, 9]),
+        min_tokens=rng.choice([0, 0, 1]))]
+    knobs = dict(enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=rng.random() < 0.7,
+                 policy=rng.choice(["fcfs", "priority"]), block_size=rng.choice([1, 2, 4, 8]), max_model_len=48,
+                 eos_token_ids=[EOS] + rng.sample(range(10, 1000), 5))  # some sequences stop early
+    tight = dict(num_gpu_blocks=rng.randint(48, 96) // knobs["block_size"], max_num_seqs=rng.randint(1, 6),
+                 max_num_batched_tokens=rng.randint(48, 64))
+    return specs, knobs, tight

@@ -7,7 +7,8 @@ from scheduler.output import ModelRunnerOutput, TokenLogprobs
 from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
 from tests.unit.scheduler_helpers import (EOS, FakeModelRunner, add_requests, create_requests, create_scheduler,
-                                          default_next_token, run_steps, run_to_completion, step_once, tokens_of)
+                                          default_next_token, random_workload, run_steps, run_to_completion,
+                                          step_once, tokens_of)
 
 
 # ---- admission -----------------------------------------------------------------------------
@@ -401,19 +402,11 @@ def test_drain_and_resume_elsewhere():
 # ---- everything at once ------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(10))
 def test_random_workloads_match_an_uncontended_run(seed):
-    rng = random.Random(seed)
-    specs = [spec for i in range(rng.randint(3, 10)) for spec in create_requests(
-        1, prompt_len=rng.randint(9, 30), max_tokens=rng.randint(1, 20), n=rng.choice([1, 1, 2, 3]),
-        start=i, priority=rng.randint(0, 2), id_prefix=f"s{seed}-", prefix=[7] * rng.choice([0, 4, 9]),
-        min_tokens=rng.choice([0, 0, 1]))]
-    knobs = dict(enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=rng.random() < 0.7,
-                 policy=rng.choice(["fcfs", "priority"]), block_size=rng.choice([1, 2, 4, 8]), max_model_len=48,
-                 eos_token_ids=[EOS] + rng.sample(range(10, 1000), 5))  # some sequences stop early
+    specs, knobs, tight_knobs = random_workload(random.Random(seed), f"s{seed}-")
     roomy = create_scheduler(**knobs)
     add_requests(roomy, specs)
     expected = run_to_completion(roomy)
-    tight = create_scheduler(**knobs, num_gpu_blocks=rng.randint(48, 96) // knobs["block_size"],
-                             max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(48, 64))
+    tight = create_scheduler(**knobs, **tight_knobs)
     add_requests(tight, specs)
     results = run_to_completion(tight)
     assert tokens_of(results) == tokens_of(expected)

@@ -7,8 +7,8 @@ import pytest
 
 from scheduler.sampling_params import SamplingParams
 from tests.unit.scheduler_helpers import (EOS, FakeModelRunner, add_requests, collect, create_requests,
-                                          create_scheduler,
-                                          run_overlapped, run_to_completion, tokens_of)
+                                          create_scheduler, random_workload, run_overlapped, run_to_completion,
+                                          tokens_of)
 
 
 def test_a_decode_is_scheduled_again_before_its_token_is_back():
@@ -48,20 +48,12 @@ def test_tokens_after_a_stop_are_computed_but_never_emitted():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_workloads_overlapped_match_step_by_step(seed):
-    rng = random.Random(100 + seed)
-    specs = [spec for i in range(rng.randint(3, 10)) for spec in create_requests(
-        1, prompt_len=rng.randint(9, 30), max_tokens=rng.randint(1, 20), n=rng.choice([1, 1, 2, 3]),
-        start=i, priority=rng.randint(0, 2), id_prefix=f"o{seed}-", prefix=[7] * rng.choice([0, 4, 9]),
-        min_tokens=rng.choice([0, 0, 1]))]
-    knobs = dict(enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=rng.random() < 0.7,
-                 policy=rng.choice(["fcfs", "priority"]), block_size=rng.choice([1, 2, 4, 8]), max_model_len=48,
-                 eos_token_ids=[EOS] + rng.sample(range(10, 1000), 5))
+    specs, knobs, tight_knobs = random_workload(random.Random(100 + seed), f"o{seed}-")
     roomy = create_scheduler(**knobs)
     add_requests(roomy, specs)
     expected = run_to_completion(roomy)
     # tight enough to preempt sequences whose samples are in flight
-    tight = create_scheduler(**knobs, num_gpu_blocks=rng.randint(48, 96) // knobs["block_size"],
-                             max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(48, 64))
+    tight = create_scheduler(**knobs, **tight_knobs)
     add_requests(tight, specs)
     results = run_overlapped(tight)
     assert tokens_of(results) == tokens_of(expected)
