@@ -52,9 +52,9 @@ class Qwen3Attention(nn.Module):
         # x [T, H]; kv_cache [2, num_blocks, block_size, Hkv, D]
         q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                                           self.num_kv_heads * self.head_dim], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))  # [T, Hq, D]
-        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [T, Hkv, D]
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb.norm_and_rotate(positions, q.unflatten(-1, (self.num_heads, self.head_dim)),
+                                               k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                                               self.q_norm, self.k_norm)  # [T, Hq, D], [T, Hkv, D]
         o = self.attn.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), kv_cache,
                               attn_metadata, self.scale)  # [T, Hq, D]
         return self.o_proj(o.flatten(1))  # [T, H]
@@ -81,9 +81,17 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T, H] -> [T, H]
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, attn_metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                attn_metadata: AttentionMetadata,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual [T, H] -> (x, residual) [T, H]: the layer's output is x + residual, an add left
+        # to the next norm (fused with it on CUDA). residual None: x is the embedding.
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.forward_with_residual(x, residual)
+        h = self.self_attn(positions, h, kv_cache, attn_metadata)
+        h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
@@ -98,10 +106,10 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T] -> [T, H]
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(positions, x, kv_cache, attn_metadata)
-        return self.norm(x)
+            x, residual = layer(positions, x, kv_cache, attn_metadata, residual)
+        return self.norm.forward_with_residual(x, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from workers.layers.rmsnorm import RMSNorm, fused_ops_for
+
 
 def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [T, heads, D]; cos/sin [T, 1, D/2]
@@ -22,6 +24,15 @@ class RotaryEmbedding(nn.Module):
         # positions [T]; q [T, Hq, D]; k [T, Hkv, D]
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
+
+    def norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        q_norm: RMSNorm, k_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's per-head q/k RMSNorm, then RoPE: one fused kernel on CUDA, else the two torch steps."""
+        # q [T, Hq, D]; k [T, Hkv, D]: may be views of the qkv projection (token stride > H * D)
+        ops = fused_ops_for(q, k, q_norm.weight, k_norm.weight)
+        if ops is not None and q_norm.eps == k_norm.eps:
+            return ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos_sin_cache, positions)
+        return self(positions, q_norm(q), k_norm(k))
 
 
 def get_rope_theta(hf_config) -> float:
