@@ -105,9 +105,18 @@ class LLMEngine:
 
     def _apply(self, engine_outputs) -> list[RequestOutput]:
         by_request: dict[str, list] = {}
+        updated: dict[str, RequestOutput] = {}
+        now = time.monotonic()
         for out in engine_outputs:
-            by_request.setdefault(out.req_id, []).append(out)
-        updated = []
+            tracked = self._tracked.get(out.req_id)
+            if tracked is not None and tracked.processor.keep_deferred(out):  # most decode steps
+                tracked.output.outputs[out.index].token_ids.extend(out.new_token_ids)
+                if tracked.output.metrics.first_token_time is None:
+                    tracked.output.metrics.first_token_time = now
+                    tracked.output.metrics.num_cached_tokens = out.num_cached_tokens
+                updated[out.req_id] = tracked.output
+            else:
+                by_request.setdefault(out.req_id, []).append(out)
         for request_id, outs in by_request.items():
             tracked = self._tracked.get(request_id)
             if tracked is None:
@@ -120,8 +129,8 @@ class LLMEngine:
                 tracked.output.finished = True
                 tracked.output.metrics.finished_time = time.monotonic()
                 del self._tracked[request_id]
-            updated.append(tracked.output)
-        return updated
+            updated[request_id] = tracked.output
+        return list(updated.values())
 
 
 def _merge(output: RequestOutput, deltas: list[RequestDelta]) -> None:

@@ -80,6 +80,19 @@ class RequestOutputProcessor:
     def num_completion_tokens(self) -> int:
         return sum(s.num_tokens for s in self._siblings)
 
+    def keep_deferred(self, out: EngineCoreOutput) -> bool:
+        """defer_text: hold an unfinished step's tokens for the final decode, no delta made.
+
+        The offline engine's per-step fast path (a delta per sequence per step costs more host
+        time than a small model's decode step); False where process() has work to do.
+        """
+        if not self.defer_text or out.finished or out.new_logprobs is not None:
+            return False
+        sib = self._siblings[out.index]
+        sib.token_ids.extend(out.new_token_ids)
+        sib.num_tokens += len(out.new_token_ids)
+        return True
+
     def process(self, outputs: Sequence[EngineCoreOutput]) -> tuple[list[RequestDelta], list[StopMatch]]:
         deltas, stops = [], []
         for out in outputs:
