@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copyreg
 import dataclasses
 import logging
 import re
@@ -48,7 +47,6 @@ from cluster.metrics import ServerMetrics
 from cluster.output_processor import RequestDelta
 from cluster.serve_config import PicklableInvalidRequestError, ServeAppArgs
 from protos.folovllm.v1 import llm_pb2 as pb
-from protos.folovllm.v1 import llm_pb2_grpc as pb_grpc
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from scheduler.sampling_params import SamplingParams
 
@@ -60,36 +58,6 @@ _END = object()
 _ENGINE_GROUP = re.compile(r"folovllm-(?P<engine_id>.+)-r\d+(-[0-9a-f]+)?")  # launcher.py's group names
 # exceptions a handle caller gets as they are (all take one message, so they unpickle)
 _PORTABLE_ERRORS = (QueueFullError, EngineDeadError, ServerDrainingError, RequestDeadlineError)
-
-
-# ---- messages across Serve's proxy ----------------------------------------------------------------
-# The proxy pickles each request message to the replica. The generated classes say
-# __module__ == "folovllm.v1.llm_pb2" (the proto's package, not the importable protos.folovllm.v1...),
-# so plain pickling fails in the proxy with "import of module 'folovllm.v1.llm_pb2' failed". Until
-# protos/regenerate.py fixes that name, messages pickle here as (class name, wire bytes).
-
-def _parse_message(name: str, data: bytes):
-    return getattr(pb, name).FromString(data)
-
-
-def _reduce_message(message):
-    return _parse_message, (type(message).__name__, message.SerializeToString())
-
-
-def _make_messages_picklable() -> None:
-    for name in pb.DESCRIPTOR.message_types_by_name:
-        cls = getattr(pb, name)
-        if cls.__module__ != pb.__name__:  # a no-op once the stubs carry their importable name
-            copyreg.pickle(cls, _reduce_message)
-
-
-_make_messages_picklable()  # replicas, and whoever calls the gRPC methods through a handle
-
-
-def add_LLMServiceServicer_to_server(servicer, server) -> None:  # noqa: N802 - the generated name
-    """grpc_options.grpc_servicer_functions entry for Serve's gRPC proxy: the generated function, in a
-    process where our messages pickle (importing this module did that)."""
-    pb_grpc.add_LLMServiceServicer_to_server(servicer, server)
 
 
 class EngineUnhealthyError(RuntimeError):

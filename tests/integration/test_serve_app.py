@@ -109,7 +109,7 @@ def test_ray_config_yaml_is_read_by_serve_and_cli():
     assert ServeAppArgs.from_args(app["args"]).num_replicas == 1
     engine = EngineConfig.from_flat(engine_args_from_yaml(REPO_ROOT / "ray_config.yaml"))  # folovllm serve --config
     assert engine.model.model == "Qwen/Qwen3-0.6B"
-    assert config["grpc_options"]["grpc_servicer_functions"] == ["cluster.serve_app.add_LLMServiceServicer_to_server"]
+    assert config["grpc_options"]["grpc_servicer_functions"] == ["protos.folovllm.v1.llm_pb2_grpc.add_LLMServiceServicer_to_server"]
     request = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=3))
     assert pickle.loads(pickle.dumps(request)) == request  # what Serve's proxy does with every request
 
