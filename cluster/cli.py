@@ -1,6 +1,7 @@
 """The `folovllm` command: serve over gRPC, generate, chat, status, bench."""
 import argparse
 import asyncio
+import logging
 import sys
 
 from pydantic import ValidationError
@@ -85,7 +86,13 @@ def cmd_chat(args) -> int:
 def cmd_status(args) -> int:
     with _client(args) as client:
         status = client.status()
-    print(status)
+    print(f"live: {status.any_live}  making progress: {status.making_progress}  waiting: {status.num_waiting}  "
+          f"preemptions: {status.num_preemptions}  streams open here: {status.num_in_flight}"
+          f"{'  (draining)' if status.draining else ''}")
+    print(f"{'replica':>7} {'live':>5} {'running':>8} {'waiting':>8} {'kv usage':>9} {'cache hits':>10} {'restarts':>9}")
+    for r in status.replicas:
+        print(f"{r.replica_id:>7} {str(r.live):>5} {r.num_running:>8} {r.num_waiting:>8} {r.kv_usage:>9.1%} "
+              f"{r.prefix_cache_hit_rate:>10.1%} {r.worker_restarts:>9}")
     return 0
 
 
@@ -98,6 +105,7 @@ def cmd_serve(args) -> int:
     from cluster.model_info import resolve
     from workers.tokenizer import load_tokenizer
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
     options = model_from_args(args, GrpcServerOptions)
     tokenizer = load_tokenizer(resolve(config).tokenizer_name, config.model.revision)

@@ -399,6 +399,8 @@ async def serve(engine_client: EngineClientProtocol, tokenizer: TokenizerLike,
     drain_task: list[asyncio.Task] = []
 
     def on_signal() -> None:  # the first signal drains, a second one stops at once
+        logger.info("stopping now" if drain_task else
+                    f"draining: no new requests; up to {server.options.drain_timeout_s:g} s for those in flight")
         drain_task.append(loop.create_task(server.drain() if not drain_task else server.stop(0)))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
