@@ -42,7 +42,8 @@ def _emit(args, result: dict) -> None:
 def _make_llm(args, **overrides):
     from cluster.llm import LLM
 
-    kwargs = dict(load_format=args.load_format, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    kwargs = dict(load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   attention_backend=args.attention_backend, data_parallel_size=args.data_parallel_size,
                   tensor_parallel_size=args.tensor_parallel_size, use_ray=args.use_ray or None,
@@ -57,10 +58,16 @@ def _params(max_tokens: int):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
+def _warm_up(llm, args) -> None:
+    """Compile kernels and capture graphs on every replica before timing (requests spread by load)."""
+    prompts = [[1 + i] * (3 + 40 * i) for i in range(2 * args.data_parallel_size)]
+    llm.generate(prompts, _params(8), use_tqdm=False)
+
+
 def bench_throughput(args) -> None:
     work = nano_vllm_workload(args.num_requests, seed=args.seed)
     llm = _make_llm(args)
-    llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)  # warm-up: kernels compiled, graphs captured
+    _warm_up(llm, args)
     params = [_params(n) for n in work.output_lens]
     _sync()
     start = time.perf_counter()
@@ -124,7 +131,7 @@ def _hf_batched_generate(model, work, batch_size: int) -> int:
 
 def bench_latency(args) -> None:
     llm = _make_llm(args)
-    llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)
+    _warm_up(llm, args)
     for batch in [1] + [int(b) for b in args.batches.split(",")]:
         work = fixed_workload(batch, 128, 512, seed=batch)
         _sync()
@@ -162,6 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("bench", choices=["throughput", "hf", "latency", "prefix"])
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
     p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)

@@ -1,0 +1,90 @@
+"""Scale-out runs (issue: scale-out on 4 and 8 GPUs). Each prints JSON lines and appends them to
+--out/results.jsonl.
+
+  python -m cluster.benchmarks.scale_out dp --sizes 1,2,4,8
+      offline throughput (nano-vllm workload, Qwen3-0.6B dummy) on the Ray path at each data parallel
+      size, 256 requests per replica, and the scaling efficiency against DP=1
+  python -m cluster.benchmarks.scale_out tp --model Qwen/Qwen3-8B --sizes 1,4,8 --dtype float32
+      greedy token ids at each tensor parallel size compared with the smallest size (float32, so
+      that only the reduction order differs), then throughput and time per output token at each
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _offline(args, bench: str, *extra: str) -> list[dict]:
+    """Run cluster.benchmarks.offline in a fresh process (a fresh Ray instance) and read its JSON lines."""
+    cmd = [sys.executable, "-m", "cluster.benchmarks.offline", bench, "--model", args.model, "--use-ray",
+           "--out", args.out, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _emit(args, result: dict) -> None:
+    print(json.dumps(result), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def run_dp(args) -> None:
+    base = None
+    for dp in [int(s) for s in args.sizes.split(",")]:
+        result = _offline(args, "throughput", "--data-parallel-size", str(dp),
+                          "--num-requests", str(args.requests_per_replica * dp))[-1]
+        base = base or result["output_tok_per_s"] / dp
+        _emit(args, {**result, "bench": "dp_scaling", "efficiency": result["output_tok_per_s"] / (dp * base)})
+
+
+def _greedy_ids(model: str, tp: int, dtype: str, prompts: list[list[int]], max_tokens: int,
+                max_model_len: int) -> list[list[int]]:
+    from cluster.llm import LLM
+    from scheduler.sampling_params import SamplingParams
+
+    with LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, use_ray=True,
+             max_model_len=max_model_len, max_num_seqs=len(prompts)) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def run_tp(args) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    prompts = [[(97 * i + 7 * j) % 10000 for j in range(16 + 24 * i)] for i in range(8)]
+    reference = _greedy_ids(args.model, sizes[0], args.dtype, prompts, args.max_tokens, args.max_model_len)
+    for tp in sizes[1:]:
+        ids = _greedy_ids(args.model, tp, args.dtype, prompts, args.max_tokens, args.max_model_len)
+        first_diff = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ids, reference)]
+        _emit(args, {"bench": "tp_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
+                     "reference_tp": sizes[0], "equal": ids == reference, "first_differing_token": first_diff})
+    if args.equality_only:
+        return
+    for tp in sizes:
+        for result in _offline(args, "latency", "--tensor-parallel-size", str(tp), "--batches", "32"):
+            _emit(args, {**result, "bench": "tp_latency", "model": args.model})
+        if args.throughput:
+            for result in _offline(args, "throughput", "--tensor-parallel-size", str(tp)):
+                _emit(args, {**result, "bench": "tp_throughput", "model": args.model})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cluster.benchmarks.scale_out", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", choices=["dp", "tp"])
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--sizes", default="1,2,4,8")
+    p.add_argument("--requests-per-replica", type=int, default=256)
+    p.add_argument("--dtype", default="float32", help="tp: float32 keeps greedy ids comparable across sizes")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=1024, help="tp: of the equality runs")
+    p.add_argument("--throughput", action="store_true", help="tp: also the offline throughput at each size")
+    p.add_argument("--equality-only", action="store_true", help="tp: skip the latency runs")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    {"dp": run_dp, "tp": run_tp}[args.run](args)
+
+
+if __name__ == "__main__":
+    main()
