@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import signal
 import time
@@ -21,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cluster import grpc_convert as conv
 from cluster.engine_types import EngineClientProtocol
 from cluster.grpc_config import GrpcServerOptions
+from cluster.grpc_security import BearerAuthInterceptor, server_credentials
 from cluster.metrics import ServerMetrics
 from cluster.output_processor import RequestDelta, stream_request
 from protos.folovllm.v1 import llm_pb2 as pb
@@ -31,7 +31,6 @@ from scheduler.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMService"].full_name  # "folovllm.v1.LLMService"
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _OFFLOAD_CHARS = 16_384  # tokenize longer texts in a thread so the event loop keeps streaming
 
 
@@ -258,38 +257,6 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
             raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from exc
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires metadata 'authorization: Bearer <token>' on every call except health checks."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._expected):
-            return handler
-        message = "missing authorization metadata" if not given else "invalid bearer token"
-        return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, message)
-
-
-def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends every call with `code`."""
-
-    async def deny(request_or_iterator, context):
-        await context.abort(code, message)
-
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-
 class FolovllmServer:
     """A built, not yet started, frontend: the grpc.aio server with its health poller and metrics."""
 
@@ -314,7 +281,7 @@ class FolovllmServer:
             reflection.enable_server_reflection(names, self.grpc_server)
         address = f"{options.host}:{options.port}"
         if options.uses_tls:
-            self.port = self.grpc_server.add_secure_port(address, _server_credentials(options))
+            self.port = self.grpc_server.add_secure_port(address, server_credentials(options))
         else:
             self.port = self.grpc_server.add_insecure_port(address)
         self.metrics_port: int | None = None
@@ -371,14 +338,6 @@ class FolovllmServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-
-
-def _server_credentials(options: GrpcServerOptions) -> grpc.ServerCredentials:
-    key = options.tls_key_file.read_bytes()
-    cert = options.tls_cert_file.read_bytes()
-    client_ca = options.tls_client_ca_file.read_bytes() if options.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
 
 
 def build_server(engine_client: EngineClientProtocol, tokenizer: TokenizerLike,
