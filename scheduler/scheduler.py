@@ -59,6 +59,9 @@ class Scheduler:
         self.num_preemptions = 0
         self._order = itertools.count()
         self._step_id = 0
+        # step id -> the Sequence objects it scheduled, until its output is applied: a step's
+        # output must never reach a newer sequence that reuses a finished one's id
+        self._scheduled: dict[int, dict[str, Sequence]] = {}
 
     # ---- requests in and out --------------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -152,7 +155,7 @@ class Scheduler:
         for seq in self.waiting.clear():
             self._free(seq, seq.status)  # forked siblings hold blocks while they wait
         drained = list(self.requests.values())
-        self.requests, self.seqs = {}, {}
+        self.requests, self.seqs, self._scheduled = {}, {}, {}
         return drained
 
     def has_unfinished_requests(self) -> bool:
@@ -216,6 +219,8 @@ class Scheduler:
 
         finished, self.finished_seq_ids = self.finished_seq_ids, []
         self._step_id += 1
+        if num_scheduled:
+            self._scheduled[self._step_id] = {seq_id: self.seqs[seq_id] for seq_id in num_scheduled}
         return SchedulerOutput(self._step_id, new_reqs, cached, num_scheduled,
                                self.config.max_num_batched_tokens - budget, finished)
 
@@ -282,9 +287,10 @@ class Scheduler:
         outputs = []
         logprobs = model_runner_output.logprobs
         num_scheduled, bs = scheduler_output.num_scheduled_tokens, self.block_size
+        scheduled = self._scheduled.pop(scheduler_output.step_id, {})
         for i, seq_id in enumerate(model_runner_output.req_ids):
             seq = self.seqs.get(seq_id)
-            if seq is None or seq.status is not RequestStatus.RUNNING:
+            if seq is None or seq is not scheduled.get(seq_id) or seq.status is not RequestStatus.RUNNING:
                 continue
             if seq.num_computed_tokens % bs < num_scheduled.get(seq_id, bs):  # the step filled a block
                 self.block_manager.cache_blocks(seq)

@@ -92,3 +92,26 @@ def test_seeded_tokens_do_not_depend_on_overlap():
     for s in (a, b):
         s.add_request("r", list(range(20, 30)), params)
     assert tokens_of(run_overlapped(a)) == tokens_of(run_to_completion(b))
+
+
+def test_a_reused_id_never_receives_the_finished_sequences_token_in_flight():
+    def next_token(context, index):  # the first request stops on EOS right away
+        return EOS if context[0] == 11 else 500 + len(context)
+
+    scheduler = create_scheduler(eos_token_ids=[EOS])
+    runner = FakeModelRunner(scheduler.block_size, next_token)
+    scheduler.add_request("x", [11] * 6, SamplingParams(max_tokens=5))
+    first = scheduler.schedule()
+    out_first = runner.execute_model(first)
+    ahead = scheduler.schedule()  # the decode after the (EOS) token in flight
+    out_ahead = runner.execute_model(ahead)
+    assert scheduler.update_from_output(first, out_first)[0].finish_reason == "stop"
+    scheduler.add_request("x", [12] * 6, SamplingParams(max_tokens=3))  # the caller reuses the id
+    reused = scheduler.schedule()
+    out_reused = runner.execute_model(reused)
+    assert scheduler.update_from_output(ahead, out_ahead) == [], "the old sequence's step must not leak in"
+    outputs = scheduler.update_from_output(reused, out_reused)
+    assert [o.new_token_ids for o in outputs] == [[500 + 6]]
+    results = run_overlapped(scheduler, runner)
+    assert results[("x", 0)].token_ids == [500 + 7, 500 + 8]
+    scheduler.block_manager.check_no_leaks()
