@@ -15,18 +15,13 @@ all: a kernel that rounded at other points (e.g. weight times the float32 activa
 in ~20-50% of them.
 """
 import contextlib
-import os
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif INTERPRET:
-    DEVICE = "cpu"
-else:
-    pytest.skip("needs CUDA", allow_module_level=True)
+from tests.gpu.triton_device import triton_device
+
+DEVICE = triton_device()
 
 pytest.importorskip("triton")
 from workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rmsnorm  # noqa: E402

@@ -5,21 +5,16 @@ also run on the CPU through Triton's interpreter (~2 min): handy for kernel work
 Triton 3.6's interpreter with numpy 2 needs one local patch for loop bounds loaded from memory:
 in triton/runtime/interpreter.py, `int(self.handle.data)` -> `int(self.handle.data.item())`.
 """
-import os
 import random
 
 import pytest
 import torch
 
+from tests.gpu.triton_device import triton_device
+
 from workers.attention.base import AttentionMetadata
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif INTERPRET:
-    DEVICE = "cpu"
-else:
-    pytest.skip("needs CUDA", allow_module_level=True)
+DEVICE = triton_device()
 
 from workers.attention import triton_kernels  # noqa: E402  (imports triton)
 
