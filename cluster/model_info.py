@@ -52,7 +52,6 @@ def _check_parallel(config: EngineConfig, hf_config) -> None:
     if heads % tp:
         raise InvalidRequestError(
             "tensor_parallel_size", f"must divide the model's {heads} attention heads, got {tp}")
-    if tp > kv_heads and tp % kv_heads or tp <= kv_heads and kv_heads % tp:
+    if kv_heads % tp:  # each rank holds whole key-value heads; none are replicated
         raise InvalidRequestError(
-            "tensor_parallel_size",
-            f"must divide the model's {kv_heads} key-value heads (or be a multiple of it), got {tp}")
+            "tensor_parallel_size", f"must divide the model's {kv_heads} key-value heads, got {tp}")

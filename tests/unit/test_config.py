@@ -99,3 +99,14 @@ def test_unknown_model_is_named_with_what_is_accepted(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(InvalidRequestError, match="qwen3 only"):
         resolve(EngineConfig.from_flat(model=str(tmp_path)))
+
+
+def test_tensor_parallel_size_must_divide_query_and_key_value_heads(tiny_model_dir):
+    from cluster.model_info import resolve
+
+    # the tiny model: 4 attention heads, 2 key-value heads
+    with pytest.raises(InvalidRequestError, match="must divide the model's 4 attention heads, got 3"):
+        resolve(EngineConfig.from_flat(model=str(tiny_model_dir), tensor_parallel_size=3))
+    with pytest.raises(InvalidRequestError, match="must divide the model's 2 key-value heads, got 4"):
+        resolve(EngineConfig.from_flat(model=str(tiny_model_dir), tensor_parallel_size=4))
+    assert resolve(EngineConfig.from_flat(model=str(tiny_model_dir), tensor_parallel_size=2)).max_model_len == 512
