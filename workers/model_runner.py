@@ -8,7 +8,7 @@ from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from workers.attention import get_attention_backend
 from workers.attention.base import AttentionMetadata
 from workers.config import ModelConfig
-from workers.cuda_graphs import DecodeGraphs
+from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
 from scheduler.sampling_params import SamplingParams
 from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
@@ -37,6 +37,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self._inflight: StepHandle | None = None  # the last launched step, until collected
 
     def load_model(self) -> None:
@@ -50,9 +51,15 @@ class ModelRunner:
                                             self.dtype, self.device, self.parallel.tp_size)
         # graphs need kernels that read only device tensors and host ints fixed at capture
         if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
-            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.scheduler_config.max_num_seqs,
-                                              self.max_model_len, self.cache_config.block_size, self.device)
-            self.decode_graphs.capture()
+            sched, block_size = self.scheduler_config, self.cache_config.block_size
+            pool = torch.cuda.graph_pool_handle()  # one memory pool: only one graph runs at a time
+            self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, sched.max_num_seqs,
+                                                sched.max_num_batched_tokens, self.max_model_len, block_size,
+                                                self.device)
+            self.prefill_graphs.capture(pool)
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
+                                              self.max_model_len, block_size, self.device)
+            self.decode_graphs.capture(pool)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> None:
@@ -125,6 +132,9 @@ class ModelRunner:
             if len(inputs.logits_indices) < len(hidden):  # a 1-token prefill chunk that doesn't sample
                 hidden = hidden[self._to_device(inputs.logits_indices)]
             return self.model.compute_logits(hidden)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(inputs):
+            hidden = self.prefill_graphs.run(inputs, fill)
+            return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
         to_dev = self._to_device
         metadata = AttentionMetadata(
             slot_mapping=to_dev(inputs.slot_mapping),

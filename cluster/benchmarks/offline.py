@@ -64,10 +64,55 @@ def _warm_up(llm, args) -> None:
     llm.generate(prompts, _params(8), use_tqdm=False)
 
 
+def _trace_steps(llm) -> list[dict]:
+    """Record each step of the in-process engine's one replica: its shape when scheduled, and when
+    its output was collected. In a device-bound loop the gap between two collections is one step's
+    device time."""
+    scheduler = llm.engine.core.replicas[0].scheduler
+    steps: list[dict] = []
+    schedule, update = scheduler.schedule, scheduler.update_from_output
+
+    def traced_schedule():
+        out = schedule()
+        n = out.num_scheduled_tokens
+        steps.append({"tokens": out.total_num_scheduled_tokens, "seqs": len(n),
+                      "prefill": any(k > 1 for k in n.values()),
+                      "context": sum(scheduler.seqs[s].num_computed_tokens for s in n if s in scheduler.seqs)})
+        return out
+
+    def traced_update(step, result):
+        next(s for s in steps if "done" not in s)["done"] = time.perf_counter()
+        return update(step, result)
+
+    scheduler.schedule, scheduler.update_from_output = traced_schedule, traced_update
+    return steps
+
+
+def _summarise_trace(llm, steps: list[dict], start: float) -> dict:
+    """Where the time went: prefill-bearing steps against decode-only ones, and the decode steps'
+    achieved bytes per second over the KV they read plus the weights."""
+    runner = llm.engine.worker.runner
+    cfg = runner.hf_config
+    kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * runner.dtype.itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    out = {"prefill_steps": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decode_bytes": 0}
+    last = start
+    for s in (s for s in steps if "done" in s and s["done"] > start):
+        kind = "prefill" if s["prefill"] else "decode"
+        out[f"{kind}_steps"] += 1
+        out[f"{kind}_s"] += s["done"] - last
+        if kind == "decode":
+            out["decode_bytes"] += s["context"] * kv_bytes_per_token + weight_bytes
+        last = s["done"]
+    out["decode_GBps"] = out["decode_bytes"] / max(out["decode_s"], 1e-9) / 1e9
+    return out
+
+
 def bench_throughput(args) -> None:
     work = nano_vllm_workload(args.num_requests, seed=args.seed)
     llm = _make_llm(args)
     _warm_up(llm, args)
+    steps = _trace_steps(llm) if args.trace else None
     params = [_params(n) for n in work.output_lens]
     _sync()
     start = time.perf_counter()
@@ -76,9 +121,10 @@ def bench_throughput(args) -> None:
     elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert num_out == sum(work.output_lens), "every request must produce exactly its output length"
+    trace = _summarise_trace(llm, steps, start) if steps is not None else {}
     _emit(args, {"bench": "throughput", "engine": "folovllm", "num_requests": len(outs), "output_tokens": num_out,
                  "seconds": elapsed, "output_tok_per_s": num_out / elapsed,
-                 "total_tok_per_s": (num_out + sum(map(len, work.prompts))) / elapsed})
+                 "total_tok_per_s": (num_out + sum(map(len, work.prompts))) / elapsed, **trace})
 
 
 def bench_hf(args) -> None:
@@ -180,6 +226,8 @@ def main(argv=None) -> None:
     p.add_argument("--use-ray", action="store_true", help="Ray actors even for one replica (the served path)")
     p.add_argument("--no-async-scheduling", action="store_true", help="Ray path: collect each step before the next")
     p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--trace", action="store_true",
+                   help="throughput, in-process: split the time between prefill and decode steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="8,32,128")
     p.add_argument("--prefix-len", type=int, default=2048)

@@ -6,7 +6,9 @@
       size, 256 requests per replica, and the scaling efficiency against DP=1
   python -m cluster.benchmarks.scale_out tp --model Qwen/Qwen3-8B --sizes 1,4,8 --dtype float32
       greedy token ids at each tensor parallel size compared with the smallest size (float32, so
-      that only the reduction order differs), then throughput and time per output token at each
+      that only the reduction order differs), then time per output token at each (--perf-sizes
+      to time only some; --throughput adds the offline throughput; these runs use the model's
+      own dtype, bf16)
 """
 import argparse
 import json
@@ -39,29 +41,31 @@ def run_dp(args) -> None:
         _emit(args, {**result, "bench": "dp_scaling", "efficiency": result["output_tok_per_s"] / (dp * base)})
 
 
-def _greedy_ids(model: str, tp: int, dtype: str, prompts: list[list[int]], max_tokens: int,
-                max_model_len: int) -> list[list[int]]:
+def _greedy_ids(args, tp: int, prompts: list[list[int]]) -> list[list[int]]:
     from cluster.llm import LLM
     from scheduler.sampling_params import SamplingParams
 
-    with LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, use_ray=True,
-             max_model_len=max_model_len, max_num_seqs=len(prompts)) as llm:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # a step budget of one context keeps the profiled activations small: float32 Qwen3-32B at TP=2
+    # leaves only a few GB of an 80 GB card for them and the KV cache
+    with LLM(args.model, load_format="dummy", dtype=args.dtype, tensor_parallel_size=tp, use_ray=True,
+             max_model_len=args.max_model_len, max_num_batched_tokens=args.max_model_len,
+             max_num_seqs=len(prompts), gpu_memory_utilization=args.gpu_memory_utilization) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def run_tp(args) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     prompts = [[(97 * i + 7 * j) % 10000 for j in range(16 + 24 * i)] for i in range(8)]
-    reference = _greedy_ids(args.model, sizes[0], args.dtype, prompts, args.max_tokens, args.max_model_len)
+    reference = _greedy_ids(args, sizes[0], prompts)
     for tp in sizes[1:]:
-        ids = _greedy_ids(args.model, tp, args.dtype, prompts, args.max_tokens, args.max_model_len)
+        ids = _greedy_ids(args, tp, prompts)
         first_diff = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ids, reference)]
         _emit(args, {"bench": "tp_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
                      "reference_tp": sizes[0], "equal": ids == reference, "first_differing_token": first_diff})
     if args.equality_only:
         return
-    for tp in sizes:
+    for tp in [int(s) for s in args.perf_sizes.split(",")] if args.perf_sizes else sizes:
         for result in _offline(args, "latency", "--tensor-parallel-size", str(tp), "--batches", "32"):
             _emit(args, {**result, "bench": "tp_latency", "model": args.model})
         if args.throughput:
@@ -79,8 +83,10 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", help="tp: float32 keeps greedy ids comparable across sizes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=1024, help="tp: of the equality runs")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="tp: of the equality runs")
     p.add_argument("--throughput", action="store_true", help="tp: also the offline throughput at each size")
     p.add_argument("--equality-only", action="store_true", help="tp: skip the latency runs")
+    p.add_argument("--perf-sizes", default="", help="tp: the sizes to time (default: every size)")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     {"dp": run_dp, "tp": run_tp}[args.run](args)

@@ -27,7 +27,17 @@ def reference(tiny_model_dir):
 
 def test_triton_and_cuda_graphs_match_reference_path(tiny_model_dir, reference):
     llm, tokens = _run(tiny_model_dir, PROMPTS, dtype="float32", attention_backend="triton")
-    assert llm.engine.worker.runner.decode_graphs is not None, "decode steps should replay CUDA graphs"
+    runner = llm.engine.worker.runner
+    assert runner.decode_graphs is not None, "decode steps should replay CUDA graphs"
+    assert runner.prefill_graphs.replays > 0, "the prompts' prefill should replay a CUDA graph"
+    assert tokens == reference
+
+
+def test_prefill_graphs_with_chunks_mixed_into_decodes_match_reference_path(tiny_model_dir, reference):
+    # a 24-token budget splits the longer prompts into chunks that share steps with other rows' decodes
+    llm, tokens = _run(tiny_model_dir, PROMPTS, dtype="float32", attention_backend="triton",
+                       max_num_batched_tokens=24)
+    assert llm.engine.worker.runner.prefill_graphs.replays > 3
     assert tokens == reference
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU runs of issues 3, 6 and 7 as named stages, each under its own time limit, so that one slow
+# stage cannot take the others' results with it. Logs and results.jsonl land in OUT_DIR; a short
+# summary is printed last. From the repository root:
+#   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
+# Stages on one GPU: tests graphtests profile prefill_profile throughput latency prefix attention
+#   hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+# Stages on several GPUs (Ray): dp12 tp2eq (two GPUs), dp4 tp8b tp32b (four GPUs)
+# cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
+set -u
+out=${1:?usage: suite.sh OUT_DIR STAGE...}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader >>"$out/gpu.txt" 2>&1
+
+run() {  # run LOG LIMIT_S COMMAND...
+  local log=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$log.log" 2>&1
+  echo "$log rc=$? $((SECONDS - t0))s" >>"$out/stages.txt"
+}
+offline="python -m cluster.benchmarks.offline"
+scale="python -m cluster.benchmarks.scale_out"
+
+for stage in "$@"; do
+  case $stage in
+    tests) run tests 240 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;
+    graphtests) run graphtests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_prefill_graphs.py \
+                  tests/gpu/test_engine_gpu.py ;;
+    profile)
+      run profile1 60 python -m cluster.benchmarks.step_profile --batch 1
+      run profile128 60 python -m cluster.benchmarks.step_profile --batch 128 ;;
+    prefill_profile) run prefill_profile 90 python -m cluster.benchmarks.step_profile --prefill 128 --steps 20 ;;
+    throughput) run throughput 90 $offline throughput --trace --out "$out" ;;
+    latency) run latency 60 $offline latency --out "$out" ;;
+    prefix) run prefix 45 $offline prefix --out "$out" ;;
+    attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
+    hf_generate) run hf_generate 200 $offline hf --hf-modes generate --out "$out" ;;
+    hf_batch) run hf_batch 200 $offline hf --hf-modes generate_batch --out "$out" ;;
+    ray)
+      run ray_throughput 100 $offline throughput --use-ray --out "$out"
+      run ray_latency 60 $offline latency --use-ray --batches 32 --out "$out" ;;
+    dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
+    tp2eq) run tp2eq 120 $scale tp --sizes 1,2 --equality-only --out "$out" ;;
+    dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;
+    tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput --out "$out" ;;
+    tp32b) run tp32b 230 $scale tp --model Qwen/Qwen3-32B --sizes 2,4 --perf-sizes 4 \
+             --gpu-memory-utilization 0.95 --out "$out" ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
+
+cat "$out/stages.txt"
+for log in tests graphtests; do [ -f "$out/$log.log" ] && tail -n 2 "$out/$log.log"; done
+grep -h "ms_per_step\|ms_per_request" "$out"/*profile*.log 2>/dev/null
+[ -f "$out/results.jsonl" ] && python - "$out/results.jsonl" <<'PY'
+import json, sys
+keys = ("bench", "engine", "path", "dp", "tp", "model", "batch", "output_tok_per_s", "mean_ttft_ms", "mean_tpot_ms",
+        "speedup", "cold_ttft_ms", "warm_ttft_ms", "efficiency", "equal", "decode_GBps", "prefill_s", "decode_s")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print({k: (round(r[k], 2) if isinstance(r[k], float) else r[k]) for k in keys if k in r})
+PY
+exit 0

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issues 3, 6 and 7 on one four-GPU machine (nvidia-h100-x4) in two calls of the device tool:
+#   bash cluster/benchmarks/suite_x4.sh OUT_DIR part1   # three lanes at once, below
+#   bash cluster/benchmarks/suite_x4.sh OUT_DIR part2   # DP=4, Qwen3-8B and Qwen3-32B tensor parallel
+# part1: GPU 0 the graph tests, decode attention bandwidth and transformers' generate_batch;
+#        GPU 1 the offline engine benchmarks and transformers' generate; GPUs 2-3 the Ray path
+#        against in-process (issue 3 item 7), DP=1/2 scaling and TP=2 equality (item 8).
+# Only lane 3 starts Ray, so no two Ray instances share the host. Everything is packed into
+# OUT_DIR/runs.tgz, as the device tool returns at most 8 files.
+set -u
+out=${1:?usage: suite_x4.sh OUT_DIR part1|part2}
+work=/tmp/suite_runs
+s=cluster/benchmarks/suite.sh
+case ${2:?part1 or part2} in
+  part1)
+    CUDA_VISIBLE_DEVICES=0 bash $s $work/gpu0 graphtests attention hf_batch >$work.gpu0.txt 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 bash $s $work/gpu1 throughput latency prefix prefill_profile hf_generate \
+      >$work.gpu1.txt 2>&1 &
+    CUDA_VISIBLE_DEVICES=2,3 bash $s $work/gpu23 ray dp12 tp2eq >$work.gpu23.txt 2>&1 &
+    wait
+    cat $work.gpu0.txt $work.gpu1.txt $work.gpu23.txt ;;
+  part2) bash $s $work/gpu0123 dp4 tp8b tp32b ;;
+esac
+mkdir -p "$out"
+tar czf "$out/runs.tgz" -C /tmp suite_runs
