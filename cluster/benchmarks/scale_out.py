@@ -20,8 +20,11 @@ from pathlib import Path
 def _offline(args, bench: str, *extra: str) -> list[dict]:
     """Run cluster.benchmarks.offline in a fresh process (a fresh Ray instance) and read its JSON lines."""
     cmd = [sys.executable, "-m", "cluster.benchmarks.offline", bench, "--model", args.model, "--use-ray",
-           "--out", args.out, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+           "--out", args.out, *(["--enforce-eager"] if args.enforce_eager else []), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])
+        raise SystemExit(f"{' '.join(cmd)} exited with {out.returncode}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -49,7 +52,8 @@ def _greedy_ids(args, tp: int, prompts: list[list[int]]) -> list[list[int]]:
     # leaves only a few GB of an 80 GB card for them and the KV cache
     with LLM(args.model, load_format="dummy", dtype=args.dtype, tensor_parallel_size=tp, use_ray=True,
              max_model_len=args.max_model_len, max_num_batched_tokens=args.max_model_len,
-             max_num_seqs=len(prompts), gpu_memory_utilization=args.gpu_memory_utilization) as llm:
+             max_num_seqs=len(prompts), gpu_memory_utilization=args.gpu_memory_utilization,
+             enforce_eager=args.enforce_eager) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -62,6 +66,7 @@ def run_tp(args) -> None:
         ids = _greedy_ids(args, tp, prompts)
         first_diff = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ids, reference)]
         _emit(args, {"bench": "tp_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
+                     "enforce_eager": args.enforce_eager,
                      "reference_tp": sizes[0], "equal": ids == reference, "first_differing_token": first_diff})
     if args.equality_only:
         return
@@ -87,6 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--throughput", action="store_true", help="tp: also the offline throughput at each size")
     p.add_argument("--equality-only", action="store_true", help="tp: skip the latency runs")
     p.add_argument("--perf-sizes", default="", help="tp: the sizes to time (default: every size)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     {"dp": run_dp, "tp": run_tp}[args.run](args)

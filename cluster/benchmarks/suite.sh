@@ -18,10 +18,13 @@ run() {  # run LOG LIMIT_S COMMAND...
   local log=$1 limit=$2; shift 2
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$log.log" 2>&1
-  echo "$log rc=$? $((SECONDS - t0))s" >>"$out/stages.txt"
+  local rc=$?
+  echo "$log rc=$rc $((SECONDS - t0))s" >>"$out/stages.txt"
+  return $rc
 }
 offline="python -m cluster.benchmarks.offline"
 scale="python -m cluster.benchmarks.scale_out"
+tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for tp8b and tp32b
 
 for stage in "$@"; do
   case $stage in
@@ -42,11 +45,14 @@ for stage in "$@"; do
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
       run ray_latency 60 $offline latency --use-ray --batches 32 --out "$out" ;;
     dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
-    tp2eq) run tp2eq 120 $scale tp --sizes 1,2 --equality-only --out "$out" ;;
+    tp2eq)  # tensor parallel under CUDA graphs first; eager if that fails, to tell the two apart
+      run tp2eq 120 $scale tp --sizes 1,2 --equality-only --out "$out" ||
+        run tp2eq_eager 120 $scale tp --sizes 1,2 --equality-only --enforce-eager --out "$out" ;;
     dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;
-    tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput --out "$out" ;;
+    tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput $tp_flags \
+             --out "$out" ;;
     tp32b) run tp32b 230 $scale tp --model Qwen/Qwen3-32B --sizes 2,4 --perf-sizes 4 \
-             --gpu-memory-utilization 0.95 --out "$out" ;;
+             --gpu-memory-utilization 0.95 $tp_flags --out "$out" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
