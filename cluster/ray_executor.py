@@ -40,30 +40,19 @@ class _DoneHandle:
         raise self.error
 
 
-class _PlainHandle:
-    def __init__(self, refs: list):
-        self.refs = refs
+class _StepHandle:
+    """One submitted step. Workers answer each call with the previous step's output, so this step's
+    output is the reply to the next call: the next submit, or a collect-only call made here when
+    the caller wants it before submitting again."""
 
-    def result(self) -> ModelRunnerOutput:
-        try:
-            return ray.get(self.refs)[0]
-        except WORKER_LOST_ERRORS as e:
-            raise ReplicaDiedError(str(e)) from e
-
-
-class _CompiledHandle:
-    def __init__(self, ref, executor: "RayExecutor"):
-        self.ref = ref
+    def __init__(self, executor: "RayExecutor"):
         self.executor = executor
+        self.reply = None  # the call whose reply carries this step's output, once made
 
     def result(self) -> ModelRunnerOutput:
-        try:
-            # -1: no timeout. A step may take long; a hung worker is killed by the liveness check,
-            # which fails this get.
-            return ray.get(self.ref, timeout=-1)[0]
-        except WORKER_LOST_ERRORS as e:
-            self.executor.broken = True
-            raise ReplicaDiedError(str(e)) from e
+        if self.reply is None:
+            self.executor._collect_only()
+        return self.executor._get(self.reply)
 
 
 class RayExecutor:
@@ -71,7 +60,9 @@ class RayExecutor:
 
     Steps run on the workers in submission order (a compiled graph's executions, and an actor's
     calls from one caller, are ordered), so the engine keeps one step in flight while it handles
-    the previous one: the worker feeds each sampled token into the next step itself.
+    the previous one: the worker feeds each sampled token into the next step itself. Workers reply
+    to each call with the output of the step before (workers/worker_actor.py says why): the reply
+    to step N + 1's call is step N's output.
     """
 
     overlaps_steps = True
@@ -83,6 +74,8 @@ class RayExecutor:
         self.replica_id = replica_id
         self.broken = False  # a worker was lost: every later submit fails
         self._dag = self._compile() if compiled_graph_enabled(use_compiled_graph) else None
+        self._last: _StepHandle | None = None  # the newest step, its output not yet asked for
+        self._unread: list = []  # replies that carry no step's output, read in call order
 
     @property
     def uses_compiled_graph(self) -> bool:
@@ -104,12 +97,48 @@ class RayExecutor:
         if self.broken:
             return _DoneHandle(ReplicaDiedError(f"replica {self.replica_id} lost a worker"))
         try:
-            if self._dag is not None:
-                return _CompiledHandle(self._dag.execute(step), self)
-            return _PlainHandle([w.execute_model.remote(step) for w in self.workers])
+            reply = self._call(step)
         except WORKER_LOST_ERRORS as e:
             self.broken = True
             return _DoneHandle(ReplicaDiedError(str(e)))
+        self._hand_reply(reply)
+        self._last = _StepHandle(self)
+        return self._last
+
+    def _call(self, step: SchedulerOutput | None):
+        if self._dag is not None:
+            return self._dag.execute(step)
+        return [w.execute_model.remote(step) for w in self.workers]
+
+    def _hand_reply(self, reply) -> None:
+        """A call's reply is the output of the newest step before it, if that one is still waiting."""
+        if self._last is not None:
+            self._last.reply, self._last = reply, None
+        else:
+            self._unread.append(reply)
+
+    def _collect_only(self) -> None:
+        try:
+            self._hand_reply(self._call(None))
+        except WORKER_LOST_ERRORS as e:
+            self.broken = True
+            raise ReplicaDiedError(str(e)) from e
+
+    def _get(self, reply) -> ModelRunnerOutput:
+        try:
+            while self._unread:  # compiled graph replies are read in order; these hold no output
+                self._get_one(self._unread.pop(0))
+            return self._get_one(reply)
+        except WORKER_LOST_ERRORS as e:
+            self.broken = True
+            raise ReplicaDiedError(str(e)) from e
+
+    def _get_one(self, reply):
+        # no timeout: a step may take long; a hung worker is killed by the liveness check, which
+        # fails this get
+        if self._dag is not None:
+            return ray.get(reply, timeout=-1)[0]
+        return ray.get(reply)[0]
 
     def ping_refs(self) -> list:
         """One liveness ping per rank, answered even while a step runs."""
@@ -128,25 +157,32 @@ class RayExecutor:
         """Release actors, graph and placement group; by default without blocking the step loop.
 
         Tearing down a compiled graph whose peer died waits on Ray's timeouts (seconds), so it
-        runs on a daemon thread; the workers are killed first so that nothing waits on them long.
+        runs on a daemon thread, after the workers are killed so that nothing waits on them long.
         wait=True (engine shutdown) releases everything before returning, so that the placement
         group's GPUs are free when the caller goes on (a Serve replica replacing this engine).
         """
         dag, self._dag = self._dag, None
         workers, pg = self.workers, self.placement_group
-        self.broken = True
+        healthy, self.broken = not self.broken, True
+
+        def teardown():
+            try:
+                dag.teardown()
+            except Exception:  # noqa: BLE001 - a broken graph may fail its own teardown
+                logger.debug("compiled graph teardown failed", exc_info=True)
 
         def release():
+            # a graph over live workers tears down at once; over a dead one it waits on Ray's
+            # timeouts (30 s) unless the workers are killed first
+            if dag is not None and healthy:
+                teardown()
             for w in workers:
                 try:
                     ray.kill(w, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-            if dag is not None:
-                try:
-                    dag.teardown()
-                except Exception:  # noqa: BLE001 - a broken graph may fail its own teardown
-                    logger.debug("compiled graph teardown failed", exc_info=True)
+            if dag is not None and not healthy:
+                teardown()
             if pg is not None:
                 try:
                     remove_placement_group(pg)

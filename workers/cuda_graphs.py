@@ -111,7 +111,11 @@ class PrefillGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
-        self.sizes = [t for t in PREFILL_TOKEN_SIZES if t <= max_num_batched_tokens]
+        # the last size is the step budget itself when it is below the largest: a budget of 24
+        # gets graphs of 16 and 24 tokens, so every step under it replays one
+        self.sizes = [t for t in PREFILL_TOKEN_SIZES if t < max_num_batched_tokens]
+        if max_num_batched_tokens <= PREFILL_TOKEN_SIZES[-1]:
+            self.sizes.append(max_num_batched_tokens)
         self.max_seqs = min(PREFILL_MAX_SEQS, max_num_seqs)
         max_t = self.sizes[-1] if self.sizes else 0
         max_blocks = -(-max_model_len // block_size)

@@ -46,6 +46,7 @@ class WorkerActor:
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.worker: Worker | None = None
+        self._inflight = None  # the StepHandle of the last step launched, not yet returned
 
     def ping(self) -> bool:
         return True
@@ -97,8 +98,10 @@ class WorkerActor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
 
-    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
-        output = self.worker.execute_model(step)
+    def execute_model(self, step: SchedulerOutput | None) -> ModelRunnerOutput | None:
+        """Launch step (if any); return the output of the step launched before it (None if none)."""
+        prev, self._inflight = self._inflight, (self.worker.launch(step) if step is not None else None)
+        output = prev.result() if prev is not None else None  # every rank: its batch state advances
         return output if self.tp_rank == 0 else None
 
     def pid(self) -> int:
@@ -120,8 +123,9 @@ class NoopWorkerActor(WorkerActor):
     def init_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
-        if self.tp_rank != 0:
+    def execute_model(self, step: SchedulerOutput | None) -> ModelRunnerOutput | None:
+        prev, self._inflight = self._inflight, step
+        if self.tp_rank != 0 or prev is None:
             return None
-        req_ids = [r.req_id for r in step.scheduled_new_reqs] + list(step.scheduled_cached_reqs.req_ids)
+        req_ids = [r.req_id for r in prev.scheduled_new_reqs] + list(prev.scheduled_cached_reqs.req_ids)
         return ModelRunnerOutput(req_ids, [[7] for _ in req_ids], [None] * len(req_ids))

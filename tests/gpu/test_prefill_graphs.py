@@ -123,8 +123,8 @@ def test_prefill_graphs_refuse_what_they_cannot_hold(model_and_config):
     model, hf_config = model_and_config
     graphs = PrefillGraphs(model, [], max_num_seqs=32, max_num_batched_tokens=100,
                            max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE))
-    assert graphs.sizes == [16, 32, 64]
+    assert graphs.sizes == [16, 32, 64, 100], "the step budget itself is the largest graph"
     rng = np.random.default_rng(1)
-    assert graphs.can_run(_step(rng, [0, 0], [30, 34]))
-    assert not graphs.can_run(_step(rng, [0, 0], [30, 35])), "65 tokens exceed the largest graph"
+    assert graphs.can_run(_step(rng, [0, 0], [30, 70]))
+    assert not graphs.can_run(_step(rng, [0, 0], [30, 71])), "101 tokens exceed the largest graph"
     assert not graphs.can_run(_step(rng, [0] * 17, [1] * 17)), "17 sequences exceed the graphs' 16"
