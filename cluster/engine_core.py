@@ -114,12 +114,7 @@ class EngineCore:
         if not any(r.live for r in self.replicas):
             raise EngineDeadError("no replica is live")
         for replica in self.replicas:
-            depth = 2 if replica.live and self.async_scheduling and replica.executor.overlaps_steps else 1
-            while replica.live and len(replica.inflight) < depth and replica.scheduler.has_unfinished_requests():
-                step = replica.scheduler.schedule()
-                if step.is_empty:
-                    break
-                replica.inflight.append((step, replica.executor.submit(step)))
+            self._submit_ahead(replica)
         outputs: list[EngineCoreOutput] = []
         for replica in self.replicas:
             if not replica.inflight:
@@ -132,10 +127,22 @@ class EngineCore:
                 self.mark_dead(replica)
                 continue
             outputs.extend(replica.scheduler.update_from_output(step, result))
+            # its next step goes out now, not after the other replicas' updates: each replica's
+            # device waits on its own host work only
+            self._submit_ahead(replica)
         for out in outputs:
             if out.finished and self._all_finished(out.req_id):
                 self.placements.pop(out.req_id, None)
         return outputs
+
+    def _submit_ahead(self, replica: Replica) -> None:
+        """Schedule and submit until the replica has its steps in flight (2 where they overlap)."""
+        depth = 2 if replica.live and self.async_scheduling and replica.executor.overlaps_steps else 1
+        while replica.live and len(replica.inflight) < depth and replica.scheduler.has_unfinished_requests():
+            step = replica.scheduler.schedule()
+            if step.is_empty:
+                break
+            replica.inflight.append((step, replica.executor.submit(step)))
 
     def _all_finished(self, req_id: str) -> bool:
         replica_id = self.placements.get(req_id)

@@ -5,7 +5,7 @@
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
 # Stages on one GPU: tests graphtests profile prefill_profile throughput latency prefix attention
 #   hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
-# Stages on several GPUs (Ray): dp12 tp2eq (two GPUs), dp4 tp8b tp32b (four GPUs)
+# Stages on several GPUs (Ray): dp12 tp2eq (two GPUs), dp4 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
 set -u
 out=${1:?usage: suite.sh OUT_DIR STAGE...}
@@ -24,7 +24,7 @@ run() {  # run LOG LIMIT_S COMMAND...
 }
 offline="python -m cluster.benchmarks.offline"
 scale="python -m cluster.benchmarks.scale_out"
-tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for tp8b and tp32b
+tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for the tensor-parallel stages
 
 for stage in "$@"; do
   case $stage in
@@ -45,10 +45,9 @@ for stage in "$@"; do
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
       run ray_latency 60 $offline latency --use-ray --batches 32 --out "$out" ;;
     dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
-    tp2eq)  # tensor parallel under CUDA graphs first; eager if that fails, to tell the two apart
-      run tp2eq 120 $scale tp --sizes 1,2 --equality-only --out "$out" ||
-        run tp2eq_eager 120 $scale tp --sizes 1,2 --equality-only --enforce-eager --out "$out" ;;
+    tp2eq) run tp2eq 140 $scale tp --sizes 1,2 --equality-only $tp_flags --out "$out" ;;
     dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;
+    dp24) run dp24 200 $scale dp --sizes 2,4 --out "$out" ;;  # DP=1 is the ray stage's throughput
     tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput $tp_flags \
              --out "$out" ;;
     tp32b) run tp32b 230 $scale tp --model Qwen/Qwen3-32B --sizes 2,4 --perf-sizes 4 \
