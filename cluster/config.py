@@ -25,7 +25,8 @@ class RuntimeConfig(BaseModel):
         None, description="Ray cluster to join (e.g. 'auto'); default: start an embedded local instance.")
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Attention kernels: auto picks triton on CUDA and torch on the CPU.")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs for decode steps.")
+    enforce_eager: bool = Field(
+        False, description="Disable CUDA graphs (decode steps, and steps of up to 2048 tokens).")
     async_scheduling: bool = Field(
         True, description="Schedule and prepare step N+1 while step N runs, so host work hides behind the device.")
 

@@ -28,10 +28,11 @@ def _sync() -> None:
 
 
 def _emit(args, result: dict) -> None:
+    on_ray = args.use_ray or args.data_parallel_size > 1 or args.tensor_parallel_size > 1
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "dp": args.data_parallel_size, "tp": args.tensor_parallel_size,
-              "async_scheduling": not args.no_async_scheduling, "path": "ray" if (args.use_ray or args.data_parallel_size > 1 or args.tensor_parallel_size > 1)
-              else "in-process", **result}
+              "async_scheduling": not args.no_async_scheduling, "path": "ray" if on_ray else "in-process",
+              **result}
     print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
