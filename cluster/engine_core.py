@@ -75,6 +75,18 @@ class EngineCore:
         replica.scheduler.add_request(req_id, prompt_token_ids, sampling_params, priority, arrival_time)
         self.placements[req_id] = replica.replica_id
 
+    def add_requests(self, requests: list[tuple]) -> None:
+        """add_request(*r) for each r, all or none: a refused one aborts those added before it."""
+        added = []
+        try:
+            for r in requests:
+                self.add_request(*r)
+                added.append(r[0])
+        except Exception:
+            for req_id in added:
+                self.abort(req_id)
+            raise
+
     def _place(self, prompt_token_ids: list[int]) -> Replica:
         """Most prefix-cache hits first, then least loaded; dead replicas still queue work."""
         candidates = [r for r in self.replicas if r.live] or self.replicas

@@ -39,14 +39,7 @@ class LLM:
         """Outputs in input order. prompts: a string, strings, token ids, or lists of token ids."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        request_ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                request_ids.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for request_id in request_ids:
-                self.engine.abort_request(request_id)
-            raise
+        request_ids = self.engine.add_requests(prompts, params)  # all or none
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],

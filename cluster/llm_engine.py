@@ -79,19 +79,30 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
-        params = sampling_params or SamplingParams()
-        params.check_vocab(self.model.hf_config.vocab_size)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        token_ids = self.tokenize(prompt)
+        return self.add_requests([prompt], [sampling_params], [request_id], priority)[0]
+
+    def add_requests(self, prompts: list[str | list[int]], sampling_params: list[SamplingParams | None],
+                     request_ids: list[str | None] | None = None, priority: int = 0) -> list[str]:
+        """Queue several requests at once, all or none (the Ray engine admits them in one batch)."""
+        request_ids = request_ids or [None] * len(prompts)
+        batch, tracked = [], []
         now = time.monotonic()
-        self.core.add_request(request_id, token_ids, params, priority, now)
-        completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
-                                        [] if params.logprobs is not None else None) for i in range(params.n)]
-        output = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions,
-                               False, RequestMetrics(now))
-        self._tracked[request_id] = _Tracked(output, RequestOutputProcessor(
-            request_id, token_ids, params, self.tokenizer, defer_text=True))
-        return request_id
+        for prompt, params, request_id in zip(prompts, sampling_params, request_ids):
+            params = params or SamplingParams()
+            params.check_vocab(self.model.hf_config.vocab_size)
+            request_id = request_id if request_id is not None else str(next(self._ids))
+            token_ids = self.tokenize(prompt)
+            batch.append((request_id, token_ids, params, priority, now))
+            completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
+                                            [] if params.logprobs is not None else None) for i in range(params.n)]
+            output = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions,
+                                   False, RequestMetrics(now))
+            tracked.append(_Tracked(output, RequestOutputProcessor(
+                request_id, token_ids, params, self.tokenizer, defer_text=True)))
+        self.core.add_requests(batch)
+        for (request_id, *_), t in zip(batch, tracked):
+            self._tracked[request_id] = t
+        return [r[0] for r in batch]
 
     def abort_request(self, request_id: str) -> None:
         self._apply(self.core.abort(request_id))

@@ -3,7 +3,7 @@
     core = RayEngineCore.launch(config)        # or RayEngineCore(EngineClient, shutdown)
     core.add_request(...); while core.has_unfinished(): core.step(); core.shutdown()
 
-add_request / abort / finish / step / has_unfinished behave as EngineCore's, so LLMEngine can hold
+add_request(s) / abort / finish / step / has_unfinished behave as EngineCore's, so LLMEngine can hold
 either. An EngineClient runs on a private event-loop thread; step() blocks until some request
 made progress and returns at most one step's outputs per request (what the output processor expects).
 """
@@ -62,6 +62,27 @@ class RayEngineCore:
         stream = self._call(self.client.add_request(req_id, prompt_token_ids, sampling_params, priority))
         self._open.add(req_id)
         asyncio.run_coroutine_threadsafe(self._pump(req_id, stream), self._loop)
+
+    def add_requests(self, requests: list[tuple]) -> None:
+        """(req_id, prompt_token_ids, sampling_params, priority, arrival_time) each, all or none.
+
+        Sent together they reach the scheduler in one batch at one step boundary; one by one,
+        each add would wait for a step boundary of its own while the engine ran a part batch.
+        """
+        async def add_all():
+            return await asyncio.gather(*(self.client.add_request(r[0], r[1], r[2], r[3]) for r in requests),
+                                        return_exceptions=True)
+
+        results = self._call(add_all())
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for (req_id, *_), stream in zip(requests, results):
+            if errors and not isinstance(stream, BaseException):
+                self._call(self.client.abort(req_id))
+            elif not errors:
+                self._open.add(req_id)
+                asyncio.run_coroutine_threadsafe(self._pump(req_id, stream), self._loop)
+        if errors:
+            raise errors[0]
 
     async def _pump(self, req_id: str, stream) -> None:
         try:

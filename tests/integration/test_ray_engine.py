@@ -253,6 +253,13 @@ def test_offline_llm_with_data_parallel_runs_on_ray(tiny_model_dir, reference):
 
     with LLM(str(tiny_model_dir), data_parallel_size=2, **ENGINE_ARGS) as llm:
         assert llm.engine.worker is None, "a data parallel LLM must run its replicas as Ray actors"
+        # the prompts go in as one batch, all or none: one too long for the model refuses them all
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate(PROMPTS[:3] + [[5] * 300] + PROMPTS[3:], GREEDY, use_tqdm=False)
+        assert e.value.field == "prompt_token_ids"
+        # the others were aborted before the error reached us (abort waits for the engine's reply)
+        assert ray.get(llm.engine.core.client.actor.placements.remote()) == {}
+        assert not llm.engine.has_unfinished_requests()
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         text = llm.generate(PROMPTS[0], GREEDY.clone(stop=["zzzz"]), use_tqdm=False)[0].outputs[0]
     assert [o.outputs[0].token_ids for o in outs] == reference

@@ -175,6 +175,10 @@ def test_bad_requests_are_rejected_without_harm(llm, hf_reference):
         llm.generate([[1, 2, 10**9]], greedy(), use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         llm.generate("x", greedy(stop_token_ids=[10**7]), use_tqdm=False)
+    # all or none: the scheduler refuses the third prompt after admitting two; they go too
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        llm.generate(PROMPTS[:2] + ["word " * 600], greedy(), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.scheduler.has_unfinished_requests()
     check_no_leaks(llm)
     assert token_ids(llm.generate(PROMPTS[:2], greedy(), use_tqdm=False)) == hf_reference[:2]
 
