@@ -6,6 +6,9 @@ poll per client, each reply holding every step since the last; the client splits
 
 If the actor dies, every stream in flight ends with EngineDeadError, and so do calls until Ray has
 restarted it (a new incarnation); requests made after that work again.
+
+A consumer of many requests at once (the offline LLM) can take them through one sink instead of
+a stream each: add_request_to_sink, and every poll's outputs reach the sink in one call.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 5.0
 _DONE = object()
+
+# A sink gets [(request_id, item), ...] in order, item being a list of outputs, None when the
+# request ended, or the EngineDeadError that ended it. It is called on the client's event loop.
+Sink = Callable[[list[tuple[str, object]]], None]
 
 
 def _raise_reply(reply) -> None:
@@ -46,6 +53,7 @@ class _Stream:
     incarnation: str | None = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: set[int] = field(default_factory=set)
+    sink: Sink | None = None  # instead of the queue
 
     @property
     def done(self) -> bool:
@@ -90,13 +98,23 @@ class EngineClient:
     async def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                           priority: int = 0) -> AsyncIterator[list[EngineCoreOutput]]:
         """Validate (raising InvalidRequestError / QueueFullError / EngineDeadError), then stream."""
+        stream = await self._add(request_id, prompt_token_ids, sampling_params, priority, None)
+        return self._iterate(request_id, stream)
+
+    async def add_request_to_sink(self, request_id: str, prompt_token_ids: list[int],
+                                  sampling_params: SamplingParams, priority: int, sink: Sink) -> None:
+        """add_request, with the outputs going to sink (see Sink) rather than to a stream."""
+        await self._add(request_id, prompt_token_ids, sampling_params, priority, sink)
+
+    async def _add(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                   priority: int, sink: Sink | None) -> _Stream:
         self._ensure_started()
         if not isinstance(sampling_params, SamplingParams):
             raise InvalidRequestError("sampling_params",
                                       f"must be a SamplingParams, got {type(sampling_params).__name__}")
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use by an unfinished request")
-        stream = _Stream(sampling_params.n, len(prompt_token_ids))
+        stream = _Stream(sampling_params.n, len(prompt_token_ids), sink=sink)
         self._streams[request_id] = stream  # before sending: the first outputs may beat the reply
         try:
             op = ("add", request_id, list(prompt_token_ids), sampling_params, priority)
@@ -107,7 +125,7 @@ class EngineClient:
                 del self._streams[request_id]
             raise
         stream.incarnation = incarnation
-        return self._iterate(request_id, stream)
+        return stream
 
     async def finish(self, request_id: str, index: int, stop_reason: str) -> None:
         stream = self._streams.get(request_id)
@@ -125,7 +143,7 @@ class EngineClient:
                     for i in range(stream.n) if i not in stream.finished]
             stream.finished.update(range(stream.n))
             if outs:
-                stream.queue.put_nowait(outs)
+                self._put(stream, request_id, outs)
             self._end(request_id, stream)
         await self._send_quietly(("abort", request_id))
 
@@ -227,6 +245,7 @@ class EngineClient:
         by_request: dict[str, list[EngineCoreOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.req_id, []).append(out)
+        to_sinks: dict[int, tuple[Sink, list]] = {}  # one call per sink for the whole step
         for request_id, outs in by_request.items():
             stream = self._streams.get(request_id)
             if stream is None:
@@ -235,21 +254,38 @@ class EngineClient:
             if not outs:
                 continue
             stream.finished.update(o.index for o in outs if o.finished)
-            stream.queue.put_nowait(outs)
+            if stream.sink is None:
+                stream.queue.put_nowait(outs)
+                if stream.done:
+                    self._end(request_id, stream)
+                continue
+            items = to_sinks.setdefault(id(stream.sink), (stream.sink, []))[1]
+            items.append((request_id, outs))
             if stream.done:
-                self._end(request_id, stream)
+                del self._streams[request_id]
+                items.append((request_id, None))
+        for sink, items in to_sinks.values():
+            sink(items)
+
+    @staticmethod
+    def _put(stream: _Stream, request_id: str, item) -> None:
+        """One item to the stream's consumer: outputs, _DONE, or an exception."""
+        if stream.sink is None:
+            stream.queue.put_nowait(item)
+        else:
+            stream.sink([(request_id, None if item is _DONE else item)])
 
     def _end(self, request_id: str, stream: _Stream) -> None:
         if self._streams.get(request_id) is stream:
             del self._streams[request_id]
-        stream.queue.put_nowait(_DONE)
+        self._put(stream, request_id, _DONE)
 
     def _fail_streams(self, error: EngineDeadError, keep: str | None = None) -> None:
         for request_id, stream in list(self._streams.items()):
             if keep is not None and stream.incarnation in (keep, None):
                 continue  # added to the new incarnation (or still being added)
             del self._streams[request_id]
-            stream.queue.put_nowait(error)
+            self._put(stream, request_id, error)
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[list[EngineCoreOutput]]:
         try:

@@ -18,8 +18,6 @@ from cluster.config import EngineConfig
 from scheduler.output import EngineCoreOutput
 from scheduler.sampling_params import SamplingParams
 
-_DONE = "done"
-
 
 class RayEngineCore:
     def __init__(self, client, shutdown=None):
@@ -28,8 +26,9 @@ class RayEngineCore:
         self._thread = threading.Thread(target=self._loop.run_forever, name="folovllm-client", daemon=True)
         self._thread.start()
         self.client = client
-        self._items: queue.SimpleQueue = queue.SimpleQueue()  # (req_id, outputs | EngineDeadError | _DONE)
-        self._held: deque = deque()  # items left for the next step(): their request already had one
+        # the client's sink: one list of (req_id, outputs | None when ended | EngineDeadError) a poll
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._held: deque = deque()  # (req_id, payload) taken from _items, not yet returned by step()
         self._open: set[str] = set()
 
     @classmethod
@@ -59,9 +58,7 @@ class RayEngineCore:
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None) -> None:
-        stream = self._call(self.client.add_request(req_id, prompt_token_ids, sampling_params, priority))
-        self._open.add(req_id)
-        asyncio.run_coroutine_threadsafe(self._pump(req_id, stream), self._loop)
+        self.add_requests([(req_id, prompt_token_ids, sampling_params, priority, arrival_time)])
 
     def add_requests(self, requests: list[tuple]) -> None:
         """(req_id, prompt_token_ids, sampling_params, priority, arrival_time) each, all or none.
@@ -70,28 +67,20 @@ class RayEngineCore:
         each add would wait for a step boundary of its own while the engine ran a part batch.
         """
         async def add_all():
-            return await asyncio.gather(*(self.client.add_request(r[0], r[1], r[2], r[3]) for r in requests),
-                                        return_exceptions=True)
+            return await asyncio.gather(*(self.client.add_request_to_sink(r[0], r[1], r[2], r[3], self._items.put)
+                                          for r in requests), return_exceptions=True)
 
+        self._open.update(r[0] for r in requests)  # before the first outputs can arrive
         results = self._call(add_all())
         errors = [r for r in results if isinstance(r, BaseException)]
-        for (req_id, *_), stream in zip(requests, results):
-            if errors and not isinstance(stream, BaseException):
-                self._call(self.client.abort(req_id))
-            elif not errors:
-                self._open.add(req_id)
-                asyncio.run_coroutine_threadsafe(self._pump(req_id, stream), self._loop)
+        for (req_id, *_), result in zip(requests, results):
+            if isinstance(result, BaseException):
+                self._open.discard(req_id)
+            elif errors:
+                self._call(self.client.abort(req_id))  # its "abort" outputs are dropped by step()
+                self._open.discard(req_id)
         if errors:
             raise errors[0]
-
-    async def _pump(self, req_id: str, stream) -> None:
-        try:
-            async for outputs in stream:
-                self._items.put((req_id, outputs))
-        except Exception as e:  # noqa: BLE001 - EngineDeadError: raised to the caller of step()
-            self._items.put((req_id, e))
-        finally:
-            self._items.put((req_id, _DONE))
 
     def abort(self, req_id: str) -> list[EngineCoreOutput]:
         """The "abort" outputs come through step(), like every other output of the request."""
@@ -105,24 +94,32 @@ class RayEngineCore:
         return bool(self._open)
 
     def step(self) -> list[EngineCoreOutput]:
-        if not self._open:
-            return []
         batch: dict[str, list[EngineCoreOutput]] = {}
         error = None
         while True:
-            item = self._held.popleft() if self._held else self._next(block=not batch and error is None)
-            if item is None:
-                break
-            req_id, payload = item
-            if payload == _DONE:
+            if not self._held:
+                if not self._open:
+                    break
+                items = self._next(block=not batch and error is None)
+                if items is None:
+                    break
+                self._held.extend(items)
+                continue
+            req_id, payload = self._held[0]
+            if req_id not in self._open:  # aborted as part of a refused batch
+                self._held.popleft()
+            elif payload is None:
                 self._open.discard(req_id)
+                self._held.popleft()
             elif isinstance(payload, Exception):
+                self._open.discard(req_id)
                 error = error or payload
+                self._held.popleft()
             elif req_id in batch:
-                self._held.append(item)
-                break
+                break  # at most one step's outputs per request and call
             else:
                 batch[req_id] = payload
+                self._held.popleft()
         if error is not None:
             raise error
         return [out for outputs in batch.values() for out in outputs]

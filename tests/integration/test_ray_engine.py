@@ -155,6 +155,20 @@ def test_sync_core_from_another_client_matches(dp_engine, reference):
             for out in outputs:
                 tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
         assert [tokens[f"sync-{i}"] for i in range(len(PROMPTS))] == reference
+
+        # an abort mid-way ends that request with an "abort" output; the batch-mates carry on
+        core.add_requests([(f"ab-{i}", prompt, GREEDY, 0, None) for i, prompt in enumerate(PROMPTS[:3])])
+        tokens, reasons = {}, {}
+        while core.has_unfinished():
+            for out in core.step():
+                tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
+                if out.finished:
+                    reasons[out.req_id] = out.finish_reason
+                if out.req_id == "ab-1" and "ab-1" not in reasons:
+                    core.abort("ab-1")
+        assert reasons == {"ab-0": "length", "ab-1": "abort", "ab-2": "length"}
+        assert tokens["ab-0"] == reference[0] and tokens["ab-2"] == reference[2]
+        assert len(tokens["ab-1"]) < len(reference[1])
     finally:
         core.shutdown()
 
