@@ -12,6 +12,7 @@ latency.png, prefix_cache.png) are written beside it when matplotlib is installe
 it adds per decode step; --data-parallel-size 2 against 1 gives data-parallel scaling.
 """
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -114,6 +115,30 @@ def _summarise_trace(llm, steps: list[dict], start: float) -> dict:
     return out
 
 
+def _device_profile(enabled: bool):
+    """torch.profiler over the timed run, device activity only (recording every host op would
+    slow the host, the very thing being measured)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-profile needs CUDA")
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+
+
+def _summarise_device_profile(prof, elapsed: float, top: int = 20) -> dict:
+    """How long the GPU was busy in the run (kernels and copies, overlaps not merged), and the
+    kernels that took most of it."""
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    busy_s = sum(device_us(e) for e in events) / 1e6
+    for e in sorted(events, key=device_us, reverse=True)[:top]:
+        print(f"  {device_us(e) / 1e3:10.1f} ms  {e.count:8d} x  {e.key[:90]}", flush=True)
+    return {"gpu_busy_s": busy_s, "gpu_busy_fraction": busy_s / elapsed}
+
+
 def bench_throughput(args) -> None:
     work = nano_vllm_workload(args.num_requests, seed=args.seed)
     llm = _make_llm(args)
@@ -121,13 +146,16 @@ def bench_throughput(args) -> None:
     steps = _trace_steps(llm) if args.trace else None
     params = [_params(n) for n in work.output_lens]
     _sync()
-    start = time.perf_counter()
-    outs = llm.generate(work.prompts, params, use_tqdm=False)
-    _sync()
-    elapsed = time.perf_counter() - start
+    with _device_profile(args.gpu_profile) as prof:
+        start = time.perf_counter()
+        outs = llm.generate(work.prompts, params, use_tqdm=False)
+        _sync()
+        elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert num_out == sum(work.output_lens), "every request must produce exactly its output length"
     trace = _summarise_trace(llm, steps, start) if steps is not None else {}
+    if args.gpu_profile:
+        trace.update(_summarise_device_profile(prof, elapsed))
     _emit(args, {"bench": "throughput", "engine": "folovllm", "num_requests": len(outs), "output_tokens": num_out,
                  "seconds": elapsed, "output_tok_per_s": num_out / elapsed,
                  "total_tok_per_s": (num_out + sum(map(len, work.prompts))) / elapsed, **trace})
@@ -234,6 +262,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--trace", action="store_true",
                    help="throughput, in-process: split the time between prefill and decode steps")
+    p.add_argument("--gpu-profile", action="store_true",
+                   help="throughput, in-process, CUDA: the GPU's busy time in the run and its top kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="8,32,128")
     p.add_argument("--prefix-len", type=int, default=2048)

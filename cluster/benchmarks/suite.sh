@@ -3,7 +3,7 @@
 # stage cannot take the others' results with it. Logs and results.jsonl land in OUT_DIR; a short
 # summary is printed last. From the repository root:
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
-# Stages on one GPU: tests graphtests profile prefill_profile throughput latency prefix attention
+# Stages on one GPU: tests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
 #   hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
 # Stages on several GPUs (Ray): dp12 tp2eq (two GPUs), dp4 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
@@ -36,6 +36,7 @@ for stage in "$@"; do
       run profile128 60 python -m cluster.benchmarks.step_profile --batch 128 ;;
     prefill_profile) run prefill_profile 90 python -m cluster.benchmarks.step_profile --prefill 128 --steps 20 ;;
     throughput) run throughput 90 $offline throughput --trace --out "$out" ;;
+    gpu_profile) run gpu_profile 120 $offline throughput --trace --gpu-profile --out "$out" ;;
     latency) run latency 60 $offline latency --out "$out" ;;
     prefix) run prefix 45 $offline prefix --out "$out" ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
