@@ -245,7 +245,7 @@ class EngineClient:
         by_request: dict[str, list[EngineCoreOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.req_id, []).append(out)
-        to_sinks: dict[int, tuple[Sink, list]] = {}  # one call per sink for the whole step
+        to_sinks: dict[Sink, list] = {}  # one call per sink for the whole step
         for request_id, outs in by_request.items():
             stream = self._streams.get(request_id)
             if stream is None:
@@ -259,12 +259,12 @@ class EngineClient:
                 if stream.done:
                     self._end(request_id, stream)
                 continue
-            items = to_sinks.setdefault(id(stream.sink), (stream.sink, []))[1]
+            items = to_sinks.setdefault(stream.sink, [])
             items.append((request_id, outs))
             if stream.done:
                 del self._streams[request_id]
                 items.append((request_id, None))
-        for sink, items in to_sinks.values():
+        for sink, items in to_sinks.items():
             sink(items)
 
     @staticmethod

@@ -28,6 +28,7 @@ class RayEngineCore:
         self.client = client
         # the client's sink: one list of (req_id, outputs | None when ended | EngineDeadError) a poll
         self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = self._items.put  # one object for every request, so the client calls it once a poll
         self._held: deque = deque()  # (req_id, payload) taken from _items, not yet returned by step()
         self._open: set[str] = set()
 
@@ -67,7 +68,7 @@ class RayEngineCore:
         each add would wait for a step boundary of its own while the engine ran a part batch.
         """
         async def add_all():
-            return await asyncio.gather(*(self.client.add_request_to_sink(r[0], r[1], r[2], r[3], self._items.put)
+            return await asyncio.gather(*(self.client.add_request_to_sink(r[0], r[1], r[2], r[3], self._sink)
                                           for r in requests), return_exceptions=True)
 
         self._open.update(r[0] for r in requests)  # before the first outputs can arrive

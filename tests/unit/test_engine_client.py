@@ -89,6 +89,26 @@ def test_concurrent_adds_go_in_one_call_and_outputs_are_split_per_step():
     asyncio.run(run())
 
 
+def test_a_sink_gets_each_poll_of_its_requests_in_one_call():
+    async def run():
+        actor = FakeActor()
+        client = EngineClient(actor, INFO)
+        calls = []
+        sink = calls.append
+        other = await client.add_request("c", [1], SamplingParams())  # a stream beside the sink
+        await asyncio.gather(client.add_request_to_sink("a", [1], SamplingParams(), 0, sink),
+                             client.add_request_to_sink("b", [1], SamplingParams(), 0, sink))
+        actor.push(out("a"), out("c"), out("b", finish="length"))
+        assert await other.__anext__() == [out("c")]  # the step has been dispatched
+        await client.abort("a")
+        assert [[(r, None if i is None else [(o.new_token_ids, o.finish_reason) for o in i]) for r, i in c]
+                for c in calls] == [
+            [("a", [([5], None)]), ("b", [([5], "length")]), ("b", None)],  # one call for the step
+            [("a", [([], "abort")])], [("a", None)]]
+        assert client.num_open_streams == 1
+    asyncio.run(run())
+
+
 def test_validation_errors_raise_from_add_request():
     async def run():
         actor = FakeActor()
