@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 
 from cluster.engine_types import EngineStatus, ModelInfo
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
-from scheduler.output import EngineCoreOutput
+from scheduler.output import EngineCoreOutput, unpack_outputs
 from scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -236,10 +236,10 @@ class EngineClient:
                 if self._incarnation is not None:  # Ray restarted the actor: the old requests are gone
                     self._fail_streams(EngineDeadError("the engine restarted"), keep=incarnation)
                 self._incarnation, self._last_step_no = incarnation, 0
-            for step_no, outputs in steps:
+            for step_no, packed in steps:
                 if step_no > self._last_step_no:  # a step resent after a lost reply is skipped
                     self._last_step_no = step_no
-                    self._dispatch(outputs)
+                    self._dispatch(unpack_outputs(packed))
 
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         by_request: dict[str, list[EngineCoreOutput]] = {}

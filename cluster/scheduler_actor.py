@@ -31,7 +31,7 @@ from cluster.launcher import (EnginePlan, StartedReplica, plan_engine, remove_st
 from cluster.llm_engine import build_scheduler
 from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
 from scheduler.errors import InvalidRequestError, QueueFullError
-from scheduler.output import EngineCoreOutput
+from scheduler.output import EngineCoreOutput, pack_outputs
 from workers.worker_actor import WorkerActor
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,10 @@ class SchedulerActor:
                           timeout_s: float = 5.0) -> tuple[str, list]:
         """Long poll: this frontend's steps numbered above `after`, as soon as there are any.
 
-        Returns (incarnation, [(step_no, outputs), ...]). Steps stay until a later call acknowledges
-        them with `after`, so a reply lost with its caller (a cancelled task, a closed event loop)
-        is sent again. `after` counts in the caller's incarnation: from another one it means 0.
+        Returns (incarnation, [(step_no, pack_outputs(outputs)), ...]). Steps stay until a later
+        call acknowledges them with `after`, so a reply lost with its caller (a cancelled task, a
+        closed event loop) is sent again. `after` counts in the caller's incarnation: from another
+        one it means 0.
         """
         self._attach_loop()
         fe = self._frontend(frontend_id)
@@ -228,7 +229,8 @@ class SchedulerActor:
             return error_reply(e)
         return None
 
-    def _deliver(self, by_frontend: dict[str, list[EngineCoreOutput]]) -> None:
+    def _deliver(self, by_frontend: dict[str, tuple]) -> None:
+        """Event loop: queue each frontend's step outputs (packed columns) for its next poll."""
         for frontend_id, outputs in by_frontend.items():
             fe = self._frontend(frontend_id)
             fe.next_step_no += 1
@@ -331,7 +333,8 @@ class SchedulerActor:
             if out.finished:
                 self._drop_route_if_done(out.req_id)
         if by_frontend and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, by_frontend)
+            packed = {frontend_id: pack_outputs(outs) for frontend_id, outs in by_frontend.items()}
+            self._loop.call_soon_threadsafe(self._deliver, packed)
 
     def _drop_route_if_done(self, req_id: str) -> None:
         if req_id not in self.core.placements:

@@ -10,7 +10,7 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 from cluster.engine_client import EngineClient  # noqa: E402
 from cluster.engine_types import ModelInfo  # noqa: E402
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError  # noqa: E402
-from scheduler.output import EngineCoreOutput  # noqa: E402
+from scheduler.output import EngineCoreOutput, pack_outputs  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 
 INFO = ModelInfo("fake", 128, 1000, [2])
@@ -39,7 +39,7 @@ class FakeActor:
 
     def push(self, *outputs: EngineCoreOutput) -> None:
         self.step_no += 1
-        self.steps.append((self.step_no, list(outputs)))
+        self.steps.append((self.step_no, pack_outputs(list(outputs))))
 
     def die(self) -> None:
         self.dead = True
