@@ -48,11 +48,14 @@ class _StepHandle:
     def __init__(self, executor: "RayExecutor"):
         self.executor = executor
         self.reply = None  # the call whose reply carries this step's output, once made
+        self._output: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
-        if self.reply is None:
-            self.executor._collect_only()
-        return self.executor._get(self.reply)
+        if self._output is None:  # a compiled graph's reply can be read only once
+            if self.reply is None:
+                self.executor._collect_only()
+            self._output = self.executor._get(self.reply)
+        return self._output
 
 
 class RayExecutor:
