@@ -42,6 +42,9 @@ def _rank_main(rank: int, port: int, model_configs: list[ModelConfig], out_path:
     results = [run_steps(mc, parallel) for mc in model_configs]
     if rank == 0:  # every rank holds the full logits after the gather; one copy is enough
         torch.save(results, out_path)
+    # both ranks leave together: a rank tearing gloo down while its peer still holds the pair open
+    # aborted once in CI ("terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
