@@ -71,31 +71,31 @@ def _warm_up(llm, args) -> None:
     llm.generate(large, _params(2), use_tqdm=False)
 
 
-def _trace_steps(llm) -> list[dict]:
+def _trace_steps(llm) -> dict[int, dict]:
     """Record each step of the in-process engine's one replica: its shape when scheduled, and when
     its output was collected. In a device-bound loop the gap between two collections is one step's
     device time."""
     scheduler = llm.engine.core.replicas[0].scheduler
-    steps: list[dict] = []
+    steps: dict[int, dict] = {}  # step_id -> record, in schedule order
     schedule, update = scheduler.schedule, scheduler.update_from_output
 
     def traced_schedule():
         out = schedule()
         n = out.num_scheduled_tokens
-        steps.append({"tokens": out.total_num_scheduled_tokens, "seqs": len(n),
-                      "prefill": any(k > 1 for k in n.values()),
-                      "context": sum(scheduler.seqs[s].num_computed_tokens for s in n if s in scheduler.seqs)})
+        steps[out.step_id] = {"tokens": out.total_num_scheduled_tokens, "seqs": len(n),
+                              "prefill": any(k > 1 for k in n.values()),
+                              "context": sum(scheduler.seqs[s].num_computed_tokens for s in n if s in scheduler.seqs)}
         return out
 
     def traced_update(step, result):
-        next(s for s in steps if "done" not in s)["done"] = time.perf_counter()
+        steps[step.step_id]["done"] = time.perf_counter()
         return update(step, result)
 
     scheduler.schedule, scheduler.update_from_output = traced_schedule, traced_update
     return steps
 
 
-def _summarise_trace(llm, steps: list[dict], start: float) -> dict:
+def _summarise_trace(llm, steps: dict[int, dict], start: float) -> dict:
     """Where the time went: prefill-bearing steps against decode-only ones, and the decode steps'
     achieved bytes per second over the KV they read plus the weights."""
     runner = llm.engine.worker.runner
@@ -104,7 +104,7 @@ def _summarise_trace(llm, steps: list[dict], start: float) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     out = {"prefill_steps": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decode_bytes": 0}
     last = start
-    for s in (s for s in steps if "done" in s and s["done"] > start):
+    for s in (s for s in steps.values() if "done" in s and s["done"] > start):
         kind = "prefill" if s["prefill"] else "decode"
         out[f"{kind}_steps"] += 1
         out[f"{kind}_s"] += s["done"] - last
