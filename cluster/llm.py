@@ -77,10 +77,10 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     prompts = list(prompts)
     if not prompts:
         raise InvalidRequestError("prompts", "must hold at least one prompt")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # one prompt of token ids
+    if isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
+        return [prompts]  # one prompt of token ids; the engine checks every id
     for p in prompts:
-        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))):
+        if not isinstance(p, (str, list)):
             raise InvalidRequestError("prompts", f"each must be a string or a list of token ids, got {type(p).__name__}")
     return prompts
 

@@ -13,8 +13,8 @@ from cluster.local_executor import LocalExecutor
 from cluster.model_info import ResolvedModel, resolve
 from cluster.output_processor import RequestDelta, RequestOutputProcessor
 from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from scheduler.errors import InvalidRequestError
 from scheduler.sampling_params import SamplingParams
+from scheduler.token_ids import check_token_ids
 from scheduler.scheduler import Scheduler
 from workers.tokenizer import load_tokenizer
 from workers.worker import Worker
@@ -73,9 +73,7 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False)
-        if not all(isinstance(t, int) and 0 <= t < self.model.hf_config.vocab_size for t in prompt):
-            raise InvalidRequestError("prompt_token_ids", f"must be ids in [0, {self.model.hf_config.vocab_size})")
-        return list(prompt)
+        return check_token_ids(prompt, self.model.hf_config.vocab_size)
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:

@@ -32,6 +32,7 @@ from cluster.llm_engine import build_scheduler
 from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
 from scheduler.errors import InvalidRequestError, QueueFullError
 from scheduler.output import EngineCoreOutput, pack_outputs
+from scheduler.token_ids import check_token_ids
 from workers.worker_actor import WorkerActor
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,7 @@ class SchedulerActor:
         _, _, prompt, params, _ = op
         vocab = self.model_info.vocab_size
         try:
-            if prompt and not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-                raise InvalidRequestError("prompt_token_ids", f"must be token ids in [0, {vocab})")
+            check_token_ids(prompt, vocab)
             params.check_vocab(vocab)
         except InvalidRequestError as e:
             return error_reply(e)

@@ -1,0 +1,19 @@
+"""The token-id check every entry point makes before a prompt reaches a scheduler."""
+from array import array
+
+from scheduler.errors import InvalidRequestError
+
+
+def check_token_ids(token_ids, vocab_size: int, field: str = "prompt_token_ids") -> list[int]:
+    """The ids as a list, or InvalidRequestError unless each is an integer in [0, vocab_size).
+
+    A per-token Python check cost ~1 us a token, 0.1 s for the 144k prompt tokens of the offline
+    benchmark while the device waited; array() and min/max check at C speed.
+    """
+    try:
+        packed = array("q", token_ids)
+    except (TypeError, OverflowError):
+        raise InvalidRequestError(field, f"must be integer token ids in [0, {vocab_size})") from None
+    if packed and (min(packed) < 0 or max(packed) >= vocab_size):
+        raise InvalidRequestError(field, f"must be token ids in [0, {vocab_size})")
+    return packed.tolist()  # plain ints, whatever integer type came in
