@@ -169,7 +169,12 @@ class Sampler:
         self.row_generator = torch.Generator(self.device)
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-        """logits: [N, V] float32, left unchanged."""
+        """logits: [N, V] in the model's dtype, left unchanged."""
+        if t.all_greedy and t.min_tokens_mask is None and t.output_token_ids is None and not t.logprob_rows:
+            # float32 widening is exact and argmax takes the first of equal maxima in either dtype,
+            # so this is the float32 argmax, without the copy
+            return SamplerOutput(logits.argmax(dim=-1), None)
+        logits = logits.float()
         # raw model distribution, taken before anything below rewrites the logits
         raw_logprobs = self._raw_logprobs(logits, t) if t.logprob_rows else None
         logits = self._apply_min_tokens(logits, t)

@@ -41,6 +41,22 @@ def test_greedy_is_argmax():
     assert out.token_ids.dtype == torch.int64 and out.logprobs is None
 
 
+def test_bf16_logits_sample_as_their_float32_widening():
+    """The model hands over bf16 logits: greedy argmaxes them as they are (ties: the first index),
+    everything else widens them first; either way the tokens are those of the float32 logits."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)).bfloat16()
+    logits[0, 10] = logits[0, 200] = logits[0].max() + 1  # a tie: the lower index wins in both dtypes
+    greedy = rows(SamplingParams(temperature=0.0), 6)
+    assert tokens(logits, greedy) == tokens(logits.float(), greedy) == logits.float().argmax(-1).tolist()
+    assert tokens(logits, greedy)[0] == 10
+    # min_tokens, penalties and random rows take the float32 path: same tokens from either input
+    mixed = [State(SamplingParams(temperature=0.0, min_tokens=2)), State(SamplingParams(temperature=0.0,
+             repetition_penalty=1.5)), State(SamplingParams(temperature=0.8, top_k=20, seed=3))] * 2
+    assert tokens(logits, mixed) == tokens(logits.float(), mixed)
+    out = sample(logits, rows(SamplingParams(temperature=0.0, logprobs=2), 6))
+    assert out.token_ids[0] == 10 and out.logprobs[0].logprob == out.logprobs[0].top_logprobs[0]
+
+
 def test_flags_skip_unused_work():
     t = SamplingTensors.from_states(rows(SamplingParams(temperature=0.0), 3), 50, "cpu")
     assert t.all_greedy and not t.all_random
