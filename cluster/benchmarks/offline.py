@@ -92,7 +92,28 @@ def _trace_steps(llm) -> dict[int, dict]:
         return update(step, result)
 
     scheduler.schedule, scheduler.update_from_output = traced_schedule, traced_update
+    if torch.cuda.is_available():
+        _trace_device_spans(llm.engine.worker.runner, steps)
     return steps
+
+
+def _trace_device_spans(runner, steps: dict[int, dict]) -> None:
+    """CUDA events around each launch: on the device's clock, a step's span runs from the moment
+    the device could start it (after the step before, or once the host enqueued it) to its last
+    kernel, and a gap before a span is time the device sat idle waiting for the host."""
+    launch = runner.launch
+
+    def traced_launch(step):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        begin.record()
+        handle = launch(step)
+        end.record()
+        if step.step_id in steps:
+            steps[step.step_id].update(begin=begin, end=end, launch_s=time.perf_counter() - t0)
+        return handle
+
+    runner.launch = traced_launch
 
 
 def _summarise_trace(llm, steps: dict[int, dict], start: float) -> dict:
@@ -112,7 +133,28 @@ def _summarise_trace(llm, steps: dict[int, dict], start: float) -> dict:
             out["decode_bytes"] += s["context"] * kv_bytes_per_token + weight_bytes
         last = s["done"]
     out["decode_GBps"] = out["decode_bytes"] / max(out["decode_s"], 1e-9) / 1e9
+    timed = [s for s in steps.values() if "end" in s and s.get("done", 0) > start]
+    if timed:
+        out["device_idle"] = _device_idle_by_batch(timed)
     return out
+
+
+def _device_idle_by_batch(timed: list[dict]) -> dict:
+    """Per kind of step (prefill, or decode by batch size): device span, device idle before it,
+    and host time inside launch, in seconds. Idle where the host is slower than the device."""
+    torch.cuda.synchronize()
+    buckets: dict[str, dict] = {}
+    prev_end = None
+    for s in timed:
+        name = "prefill" if s["prefill"] else next(f"decode<={b}" for b in (8, 32, 64, 128, 256, 1 << 30)
+                                                   if s["seqs"] <= b)
+        b = buckets.setdefault(name, {"steps": 0, "span_s": 0.0, "idle_s": 0.0, "launch_s": 0.0})
+        b["steps"] += 1
+        b["span_s"] += s["begin"].elapsed_time(s["end"]) / 1e3
+        b["idle_s"] += max(0.0, prev_end.elapsed_time(s["begin"]) / 1e3) if prev_end is not None else 0.0
+        b["launch_s"] += s["launch_s"]
+        prev_end = s["end"]
+    return {k: {m: round(v, 4) for m, v in b.items()} for k, b in buckets.items()}
 
 
 def _device_profile(enabled: bool):
