@@ -8,6 +8,7 @@ so host launch overhead and L2 reuse stay out of the numbers (the gaps between k
 graph stay in, as in a captured decode step). Median of triton.testing.do_bench.
 
   python cluster/benchmarks/attention_bench.py [--out-dir DIR] [--prefill] [--sweep] [--sweep-tiles]
+      [--mixed] [--no-grid]
 
 Prints one JSON object per line and the decode table after the grid; writes attention_bench.json and a plot
 (attention_bench.png) when matplotlib imports, else attention_bench.csv.
@@ -62,24 +63,37 @@ class DecodeBench:
                 out=torch.empty(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")))
         return out
 
-    def time(self, batch: int, context: int, num_splits: int, **config) -> dict:
-        sets = self.inputs(batch, context)
+    def mixed_inputs(self, batch: int, lo: int, hi: int, seed: int):
+        """Like inputs(), with each sequence's context uniform in [lo, hi] (as in a serving batch)."""
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        sets = self.inputs(batch, hi)
+        for s in sets:
+            s["seq_lens"] = torch.randint(lo, hi + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        return sets
+
+    def time(self, batch: int, context: int, num_splits: int, sets=None, longest_first: bool = False,
+             **config) -> dict:
+        sets = sets if sets is not None else self.inputs(batch, context)
+        for s in sets:  # sorted outside the graph: the engine sorts once a step, for all its layers
+            s["order"] = torch.argsort(s["seq_lens"], descending=True).to(torch.int32) if longest_first else None
         counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device="cuda")
 
         def step():
             for s in sets:
                 kernels.paged_decode_attention(s["query"], self.kv_cache, s["block_tables"],
                                                s["seq_lens"], HEAD_DIM ** -0.5, num_splits,
-                                               out=s["out"], counters=counters, **config)
+                                               out=s["out"], counters=counters, order=s["order"],
+                                               **config)
         step()  # compile
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
         ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-        moved = len(sets) * (batch * context * TOKEN_BYTES + 2 * batch * NUM_HEADS * HEAD_DIM * 2)
+        moved = sum(int(s["seq_lens"].sum()) * TOKEN_BYTES + 2 * batch * NUM_HEADS * HEAD_DIM * 2 for s in sets)
         return dict(batch=batch, context=context, num_splits=num_splits, layers=len(sets),
-                    us_per_call=1e3 * ms / len(sets), bytes_per_s=moved / (ms * 1e-3), **config)
+                    us_per_call=1e3 * ms / len(sets), bytes_per_s=moved / (ms * 1e-3),
+                    longest_first=longest_first, **config)
 
     def check(self, batch: int, context: int, num_splits: int, **config) -> float:
         """Relative error of one config against the single-split default (all configs must agree)."""
@@ -94,10 +108,25 @@ def run_grid(bench, backend, copy_bw) -> list[dict]:
     rows = []
     for context, batch in itertools.product(CONTEXTS, BATCHES):
         splits = backend.num_decode_splits(batch, NUM_KV_HEADS, context)
-        row = bench.time(batch, context, splits)
+        row = bench.time(batch, context, splits, longest_first=backend.longest_first)
         row["pct_of_copy"] = 100 * row["bytes_per_s"] / copy_bw
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def mixed_lengths(bench, copy_bw) -> list[dict]:
+    """Contexts uniform in a range, as in the offline throughput workload's decode steps (prompts
+    of 100-1024 tokens, then up to 1024 outputs): program order and split policy against bandwidth."""
+    rows = []
+    for (lo, hi), batch in itertools.product([(100, 1100), (600, 2000)], [16, 32, 64, 128, 256]):
+        sets = bench.mixed_inputs(batch, lo, hi, seed=batch)
+        for per_sm, longest_first in itertools.product([2, 4, 8], [False, True]):
+            splits = TritonBackend(programs_per_sm=per_sm).num_decode_splits(batch, NUM_KV_HEADS, 4096)
+            row = bench.time(batch, hi, splits, sets=sets, longest_first=longest_first)
+            row.update(context=f"{lo}-{hi}", programs_per_sm=per_sm, pct_of_copy=100 * row["bytes_per_s"] / copy_bw)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 
@@ -210,6 +239,8 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also sweep split policies, fused merge")
     parser.add_argument("--sweep-tiles", action="store_true", help="also sweep tile configs")
     parser.add_argument("--prefill", action="store_true", help="also time the prefill kernel")
+    parser.add_argument("--mixed", action="store_true", help="also mixed context lengths: order and splits")
+    parser.add_argument("--no-grid", action="store_true", help="skip the uniform-context grid")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     copy_bw = copy_bandwidth()
@@ -217,9 +248,12 @@ def main():
     print(json.dumps(dict(device=device, copy_bytes_per_s=copy_bw)), flush=True)
     bench = DecodeBench()
     result = dict(device=device, copy_bytes_per_s=copy_bw)
-    rows = result["decode"] = run_grid(bench, TritonBackend(), copy_bw)
-    save(rows, args.out_dir, copy_bw)
-    print_table(rows, device, copy_bw)
+    if not args.no_grid:
+        rows = result["decode"] = run_grid(bench, TritonBackend(), copy_bw)
+        save(rows, args.out_dir, copy_bw)
+        print_table(rows, device, copy_bw)
+    if args.mixed:
+        result["mixed"] = mixed_lengths(bench, copy_bw)
     if args.prefill:
         result["prefill"] = prefill_bench()
     if args.sweep:

@@ -159,6 +159,12 @@ def test_decode(context, batch, block_size, group):
                 query, kv_cache, md.block_tables, md.seq_lens, scale, num_splits,
                 fused_merge=fused_merge)
             assert torch.equal(out, again), "a second run differs: a race"
+            # the program order changes which program takes which sequence, never a value
+            for order in (torch.argsort(md.seq_lens, descending=True), torch.randperm(batch, device=DEVICE)):
+                ordered = triton_kernels.paged_decode_attention(
+                    query, kv_cache, md.block_tables, md.seq_lens, scale, num_splits,
+                    fused_merge=fused_merge, order=order.to(torch.int32))
+                assert torch.equal(out, ordered), "the longest-first order changed the output"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

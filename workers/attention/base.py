@@ -24,6 +24,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # [S] int32, sequences longest context first: set by a backend's first layer and reused by
+    # the others (inside a CUDA graph too, where the sort is captured with them)
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

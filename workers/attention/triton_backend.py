@@ -10,7 +10,8 @@ graph fixes:
   - the number of sequences S (pad with rows of slot_mapping -1 and seq_len 0: they write
     nothing and give zero output) and the tensors' addresses and shapes: query/key/value,
     kv_cache, slot_mapping, seq_lens, block_tables (its width too: it is a stride argument);
-  - the number of KV splits, chosen from (S, metadata.max_seq_len) by num_decode_splits().
+  - the number of KV splits, chosen from (S, metadata.max_seq_len) by num_decode_splits();
+  - longest_first: the order of the sequences, sorted on the device by the first layer.
     Capture with max_seq_len = the longest context the graph may serve (e.g. max_model_len)
     or pass fixed_decode_splits to the constructor. Replays are correct for any seq_lens: each
     split's slice is computed on the device; only the speed depends on the split count.
@@ -32,6 +33,7 @@ class TritonBackend:
         max_decode_splits: int = 64,
         min_split_tokens: int = 64,
         programs_per_sm: int = 2,
+        longest_first: bool = True,
     ) -> None:
         device = torch.device(device if device is not None else "cuda")
         # (a CPU device only serves Triton's interpreter, TRITON_INTERPRET=1, in tests)
@@ -41,6 +43,7 @@ class TritonBackend:
         self.max_decode_splits = max_decode_splits
         self.min_split_tokens = min_split_tokens
         self.programs_per_sm = programs_per_sm
+        self.longest_first = longest_first
 
     def num_decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
         """Enough (seq, kv_head, split) programs for programs_per_sm on every SM, each split
@@ -65,8 +68,11 @@ class TritonBackend:
             assert query.shape[0] == metadata.num_seqs, "decode rows are one token per sequence"
             num_splits = self.num_decode_splits(metadata.num_seqs, kv_cache.shape[3],
                                                 metadata.max_seq_len)
+            if self.longest_first and metadata.decode_order is None:
+                metadata.decode_order = torch.argsort(metadata.seq_lens, descending=True).to(torch.int32)
             return kernels.paged_decode_attention(
-                query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits)
+                query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
+                order=metadata.decode_order if self.longest_first else None)
         return kernels.paged_prefill_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
             metadata.max_query_len, scale)

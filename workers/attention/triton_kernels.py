@@ -4,7 +4,7 @@ KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim], head
 Every kernel computes in float32 and folds the softmax scale into exp2 (qk_scale = scale * log2 e).
 
 - reshape_and_cache: one program per new token; slot -1 is skipped (CUDA-graph padding).
-- paged_decode_attention: one query token per sequence. Grid (seq, kv_head, split): a program
+- paged_decode_attention: one query token per sequence. Grid (kv_head, seq, split): a program
   takes every query head of its kv head (GQA group padded to 16 rows for tl.dot) over one
   contiguous slice of the context, with an online softmax; a second kernel merges the splits by
   their log-sum-exp. The grid depends only on (num_seqs, num_kv_heads, num_splits): each split's
@@ -77,17 +77,19 @@ def _attend_tile(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
     qk_scale, num_splits,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # kv head fastest: the GPU starts programs in grid order, so with ORDERED (sequences longest
+    # first) the longest programs start first and the last wave holds the shortest ones
+    kv_head = tl.program_id(0)
+    s = tl.load(order_ptr + tl.program_id(1)) if ORDERED else tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + s)
     # each split takes a BLOCK_N-aligned slice of the context; trailing splits may be empty
@@ -126,7 +128,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + s * stride_lt + heads * stride_lh + split, lse, mask=h_mask)
         if FUSED_MERGE:
             # the last split to finish merges all of its (seq, kv head), then rearms the counter
-            counter = counters_ptr + s * tl.num_programs(1) + kv_head
+            counter = counters_ptr + s * tl.num_programs(0) + kv_head
             tl.debug_barrier()  # every thread's partial stores come before the release
             ticket = tl.atomic_add(counter, 1, sem="acq_rel")
             if ticket == num_splits - 1:
@@ -272,8 +274,13 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    order: torch.Tensor | None = None,  # [S] int32, a permutation of the rows: longest context first
 ) -> torch.Tensor:
     """Split-KV decode: the splits' partial outputs are merged by a second kernel.
+
+    order: the sequence each row of programs takes. With mixed context lengths and more programs
+    than the SMs hold at once, programs in batch order can leave one long context running alone
+    at the end; longest first, the shortest run last (the outputs are the same either way).
 
     fused_merge (off by default): the last split of each (seq, kv head) merges instead, saving
     the second launch; it needs counters, int32 [>= S * Hkv], zero on entry and left zero on
@@ -303,15 +310,17 @@ def paged_decode_attention(
         counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=query.device)
     elif not fused_merge:
         counters = seq_lens  # unused
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, counters,
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens,
+        out, part_out, part_lse, counters,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), *part_strides,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, ONE_SPLIT=one_split,
         FUSED_MERGE=fused_merge, BLOCK_S=triton.next_power_of_2(num_splits),
-        DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+        DOT_PREC=_dot_precision(query.dtype), ORDERED=order is not None, num_warps=num_warps,
+        num_stages=num_stages)
     if not one_split and not fused_merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits, *part_strides, out.stride(0), out.stride(1),
