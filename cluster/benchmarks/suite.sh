@@ -3,9 +3,9 @@
 # stage cannot take the others' results with it. Logs and results.jsonl land in OUT_DIR; a short
 # summary is printed last. From the repository root:
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
-# Stages on one GPU: tests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
-#   hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
-# Stages on several GPUs (Ray): dp12 tp2eq (two GPUs), dp4 dp24 tp8b tp32b (four GPUs)
+# Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
+#   attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+# Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
 set -u
 out=${1:?usage: suite.sh OUT_DIR STAGE...}
@@ -29,6 +29,7 @@ tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for the tensor-parallel 
 for stage in "$@"; do
   case $stage in
     tests) run tests 240 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;
+    attntests) run attntests 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py ;;
     graphtests) run graphtests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_prefill_graphs.py \
                   tests/gpu/test_engine_gpu.py ;;
     profile)
@@ -40,12 +41,15 @@ for stage in "$@"; do
     latency) run latency 60 $offline latency --out "$out" ;;
     prefix) run prefix 45 $offline prefix --out "$out" ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
+    attention_mixed) run attention_mixed 150 python -m cluster.benchmarks.attention_bench --mixed --no-grid \
+                       --out-dir "$out/mixed" ;;
     hf_generate) run hf_generate 200 $offline hf --hf-modes generate --out "$out" ;;
     hf_batch) run hf_batch 200 $offline hf --hf-modes generate_batch --out "$out" ;;
     ray)
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
-      run ray_latency 60 $offline latency --use-ray --batches 32 --out "$out" ;;
+      run ray_latency 150 $offline latency --use-ray --batches 32 --out "$out" ;;  # start-up alone ~60 s
     dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
+    dp2) run dp2 130 $scale dp --sizes 2 --out "$out" ;;  # DP=1 is the ray stage's throughput
     tp2eq) run tp2eq 140 $scale tp --sizes 1,2 --equality-only $tp_flags --out "$out" ;;
     dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;
     dp24) run dp24 200 $scale dp --sizes 2,4 --out "$out" ;;  # DP=1 is the ray stage's throughput
@@ -58,7 +62,7 @@ for stage in "$@"; do
 done
 
 cat "$out/stages.txt"
-for log in tests graphtests; do [ -f "$out/$log.log" ] && tail -n 2 "$out/$log.log"; done
+for log in tests attntests graphtests; do [ -f "$out/$log.log" ] && tail -n 2 "$out/$log.log"; done
 grep -h "ms_per_step\|ms_per_request" "$out"/*profile*.log 2>/dev/null
 [ -f "$out/results.jsonl" ] && python - "$out/results.jsonl" <<'PY'
 import json, sys
