@@ -3,6 +3,7 @@
 Parameter names follow the HF checkpoint except for the packed projections: q/k/v_proj live in
 qkv_proj and gate/up_proj in gate_up_proj; load_weights maps one onto the other.
 """
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -107,6 +108,10 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T] -> [T, H]
         x, residual = self.embed_tokens(input_ids), None
+        # a fresh copy per forward: what the first layer's backend derives from seq_lens (the decode
+        # order) is shared by this forward's layers, never reused by a later forward or a CUDA graph
+        # captured after a warm-up with the same metadata (that read a freed order tensor)
+        attn_metadata = dataclasses.replace(attn_metadata, decode_order=None)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, kv_cache, attn_metadata, residual)
         return self.norm.forward_with_residual(x, residual)[0]

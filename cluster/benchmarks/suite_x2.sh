@@ -4,7 +4,8 @@
 #       attention (uniform and mixed contexts), graph tests; GPU 1 beside it: transformers'
 #       generate and generate_batch on the same workload (4b), then the attention kernel tests
 #   bash cluster/benchmarks/suite_x2.sh OUT_DIR part2   # GPU 0: in-process then Ray throughput and
-#       Ray latency (issue 3 item 7); GPU 1 beside it: every GPU test; then DP=2 and TP=2 equality
+#       Ray latency (issue 3 item 7); GPU 1 beside it: the graph tests, prefix cache, latency and
+#       decode attention; then DP=2 (against GPU 0's Ray DP=1) and TP=2 equality (item 8)
 # Each lane is cut at LANE_LIMIT seconds (part1: 510 by default) so that the results are always packed into
 # OUT_DIR/runs.tgz before the device tool's 600 s limit (it returns at most 8 files).
 set -u
@@ -23,8 +24,8 @@ case ${2:?part1 or part2} in
     wait
     cat $work.gpu0.txt $work.gpu1.txt ;;
   part2)
-    LANE_LIMIT=300 lane 0 gpu0 throughput ray &
-    LANE_LIMIT=300 lane 1 gpu1 tests &
+    LANE_LIMIT=260 lane 0 gpu0 throughput ray &
+    LANE_LIMIT=260 lane 1 gpu1 graphtests prefix latency attention &
     wait
     LANE_LIMIT=220 lane 0,1 gpu01 dp2 tp2eq
     cat $work.gpu0.txt $work.gpu1.txt $work.gpu01.txt ;;
