@@ -43,8 +43,8 @@ for stage in "$@"; do
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
     attention_mixed) run attention_mixed 150 python -m cluster.benchmarks.attention_bench --mixed --no-grid \
                        --out-dir "$out/mixed" ;;
-    hf_generate) run hf_generate 200 $offline hf --hf-modes generate --out "$out" ;;
-    hf_batch) run hf_batch 200 $offline hf --hf-modes generate_batch --out "$out" ;;
+    hf_generate) run hf_generate 300 $offline hf --hf-modes generate --out "$out" ;;
+    hf_batch) run hf_batch 300 $offline hf --hf-modes generate_batch --out "$out" ;;
     ray)
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
       run ray_latency 150 $offline latency --use-ray --batches 32 --out "$out" ;;  # start-up alone ~60 s
