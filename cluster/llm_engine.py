@@ -14,8 +14,8 @@ from cluster.model_info import ResolvedModel, resolve
 from cluster.output_processor import RequestDelta, RequestOutputProcessor
 from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from scheduler.sampling_params import SamplingParams
-from scheduler.token_ids import check_token_ids
 from scheduler.scheduler import Scheduler
+from scheduler.token_ids import check_token_ids
 from workers.tokenizer import load_tokenizer
 from workers.worker import Worker
 

@@ -49,8 +49,8 @@ class TritonBackend:
         """Enough (seq, kv_head, split) programs for programs_per_sm on every SM, each split
         >= min_split_tokens (one 64-token tile). Tuned on an H200: docs/notes-attention.md. Two
         programs fit an SM at once; 4 per SM (two waves) lets the longest-first order balance
-        mixed context lengths: 3-10% faster at batches 16-64 of 100-2000 tokens, a few % slower
-        at batches 8-32 of equal lengths."""
+        mixed context lengths, as serving batches have them: 3-10% faster at batches 16-64 of
+        100-2000 tokens, but 6-12% slower at batches 32-64 of one length (H200, s3 runs)."""
         if self.fixed_decode_splits is not None:
             return self.fixed_decode_splits
         wanted = -(-self.programs_per_sm * self.num_sms // max(1, num_seqs * num_kv_heads))
