@@ -27,6 +27,7 @@ from protos.folovllm.v1 import llm_pb2 as pb
 from protos.folovllm.v1 import llm_pb2_grpc as pb_grpc
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from scheduler.sampling_params import SamplingParams
+from scheduler.token_ids import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +231,7 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
                 self._idle.set()
 
     def _check_token_ids(self, ids: list[int], field: str) -> None:
-        vocab_size = self._engine.model_info.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(field, f"token ids must lie in [0, {vocab_size}), got {bad}")
+        check_token_ids(ids, self._engine.model_info.vocab_size, field)
 
     def _check_prompt(self, ids: list[int], field: str) -> None:
         if not ids:

@@ -14,6 +14,9 @@ def check_token_ids(token_ids, vocab_size: int, field: str = "prompt_token_ids")
         packed = array("q", token_ids)
     except (TypeError, OverflowError):
         raise InvalidRequestError(field, f"must be integer token ids in [0, {vocab_size})") from None
-    if packed and (min(packed) < 0 or max(packed) >= vocab_size):
-        raise InvalidRequestError(field, f"must be token ids in [0, {vocab_size})")
+    if packed:
+        low, high = min(packed), max(packed)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidRequestError(field, f"must be token ids in [0, {vocab_size}), got {bad}")
     return packed.tolist()  # plain ints, whatever integer type came in

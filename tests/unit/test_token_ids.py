@@ -15,3 +15,10 @@ def test_ids_in_range_come_back_as_plain_ints():
 def test_bad_ids_name_the_field_and_the_range(bad):
     with pytest.raises(InvalidRequestError, match=r"prompt_token_ids: .*\[0, 10\)"):
         check_token_ids(bad, 10)
+
+
+def test_an_id_out_of_range_is_named():
+    with pytest.raises(InvalidRequestError, match=r"token_ids: .*got 12$"):
+        check_token_ids([3, 12, 4], 10, field="token_ids")
+    with pytest.raises(InvalidRequestError, match=r"got -2$"):
+        check_token_ids([3, -2, 40], 10)
