@@ -7,9 +7,10 @@ from static buffers: what lies past the live step is padding (slot -1: no KV wri
 an empty query: no reads), and padded rows are row-local garbage that nothing reads back.
 
   DecodeGraphs:  decode-only steps, one graph per padded number of sequences.
-  PrefillGraphs: any step of at most 2048 tokens from at most 16 sequences (prefills, prefix-cache
-                 hits, chunks mixed with decodes), one graph per padded number of tokens.
-Larger steps run eagerly: there the GPU's work hides the launches.
+  PrefillGraphs: any other step within the step budget (prefills, prefix-cache hits, chunks mixed
+                 with decodes), one graph per padded number of tokens.
+Even a 16k-token prefill step is bound by its launches: on an H100 its ~300 eager launches took
+~48 ms of host time, about as long as the whole step's span on the device (offline --trace).
 """
 import torch
 
@@ -92,18 +93,22 @@ class DecodeGraphs:
         return self.outputs[bs][:n]
 
 
-PREFILL_TOKEN_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
-PREFILL_MAX_SEQS = 16
+def prefill_token_sizes(max_num_batched_tokens: int) -> list[int]:
+    """Powers of two from 16 to 2048, then every 2048 (padding a step by at most 2047 tokens, whose
+    GEMM rows cost real time), then the budget itself if it falls between: every step fits one."""
+    sizes = [t for t in (16, 32, 64, 128, 256, 512, 1024, 2048) if t < max_num_batched_tokens]
+    sizes += list(range(4096, max_num_batched_tokens, 2048))
+    return sizes + [max_num_batched_tokens]
 
 
 class PrefillGraphs:
     """Steps with more than one token per sequence somewhere, padded to the next token size.
 
-    A graph fixes the number of tokens T and of sequences S (always PREFILL_MAX_SEQS, or
-    max_num_seqs if smaller); the attention kernel's grid covers S sequences with queries of up to
-    T tokens, and its programs past a sequence's real query return at once. Padded sequences get an
-    empty query (query_start_loc stays at the live token count) and seq_len 0; padded tokens get
-    slot -1 and belong to no sequence.
+    A graph fixes the number of tokens T and of sequences S (max_num_seqs). The attention kernel
+    has one program per query tile that exists (prefill_tile_map, computed on the device in the
+    graph), so a padded step costs no more attention programs than its live tokens need. Padded
+    sequences get an empty query (query_start_loc stays at the live token count) and seq_len 0;
+    padded tokens get slot -1 and belong to no sequence.
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_num_batched_tokens: int,
@@ -111,12 +116,8 @@ class PrefillGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
-        # the last size is the step budget itself when it is below the largest: a budget of 24
-        # gets graphs of 16 and 24 tokens, so every step under it replays one
-        self.sizes = [t for t in PREFILL_TOKEN_SIZES if t < max_num_batched_tokens]
-        if max_num_batched_tokens <= PREFILL_TOKEN_SIZES[-1]:
-            self.sizes.append(max_num_batched_tokens)
-        self.max_seqs = min(PREFILL_MAX_SEQS, max_num_seqs)
+        self.sizes = prefill_token_sizes(max_num_batched_tokens)
+        self.max_seqs = max_num_seqs
         max_t = self.sizes[-1] if self.sizes else 0
         max_blocks = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(max_t, dtype=torch.long, device=device)

@@ -109,9 +109,9 @@ class Qwen3Model(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T] -> [T, H]
         x, residual = self.embed_tokens(input_ids), None
         # a fresh copy per forward: what the first layer's backend derives from seq_lens (the decode
-        # order) is shared by this forward's layers, never reused by a later forward or a CUDA graph
+        # order, the prefill tiles) is shared by this forward's layers, never reused by a later forward or a CUDA graph
         # captured after a warm-up with the same metadata (that read a freed order tensor)
-        attn_metadata = dataclasses.replace(attn_metadata, decode_order=None)
+        attn_metadata = dataclasses.replace(attn_metadata, decode_order=None, prefill_tile_map=None)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, kv_cache, attn_metadata, residual)
         return self.norm.forward_with_residual(x, residual)[0]

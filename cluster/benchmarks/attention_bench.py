@@ -186,7 +186,7 @@ def prefill_bench() -> list[dict]:
         seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device="cuda")
         qsl = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * chunk
         ms = triton.testing.do_bench(lambda: kernels.paged_prefill_attention(
-            query, kv_cache, tables, seq_lens, qsl, chunk, HEAD_DIM ** -0.5), return_mode="median")
+            query, kv_cache, tables, seq_lens, qsl, HEAD_DIM ** -0.5), return_mode="median")
         # causal FLOPs: each query attends to prefix + its position + 1 keys, 2 matmuls x 2 flops
         keys = num_seqs * (chunk * prefix + chunk * (chunk + 1) / 2)
         flops = 4 * NUM_HEADS * HEAD_DIM * keys

@@ -94,7 +94,7 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
     kv_graph = [c.clone() for c in kv_eager]
     graphs = PrefillGraphs(model, kv_graph, max_num_seqs=32, max_num_batched_tokens=256,
                            max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE))
-    assert graphs.sizes == [16, 32, 64, 128, 256] and graphs.max_seqs == 16
+    assert graphs.sizes == [16, 32, 64, 128, 256] and graphs.max_seqs == 32
     if DEVICE == "cuda":
         graphs.capture()
     else:
@@ -105,7 +105,8 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
         ([0], [5]),  # one short prompt
         ([2048 // 8], [4]),  # a prefix-cache hit: few new tokens over a long cached context
         ([20, 33, 47, 16, 0], [1, 1, 1, 40, 7]),  # decodes mixed with a chunk and a fresh prompt
-        ([i * 5 for i in range(16)], [4] * 16),  # the most sequences a graph takes, 64 tokens exactly
+        ([i * 5 for i in range(16)], [4] * 16),  # 64 tokens exactly
+        ([i for i in range(32)], [1] * 31 + [90]),  # the most sequences a graph takes: 32 (max_num_seqs)
     ]
     for ctx, q in steps:
         step = _step(rng, ctx, q)
@@ -127,4 +128,4 @@ def test_prefill_graphs_refuse_what_they_cannot_hold(model_and_config):
     rng = np.random.default_rng(1)
     assert graphs.can_run(_step(rng, [0, 0], [30, 70]))
     assert not graphs.can_run(_step(rng, [0, 0], [30, 71])), "101 tokens exceed the largest graph"
-    assert not graphs.can_run(_step(rng, [0] * 17, [1] * 17)), "17 sequences exceed the graphs' 16"
+    assert not graphs.can_run(_step(rng, [0] * 33, [1] * 33)), "33 sequences exceed max_num_seqs"

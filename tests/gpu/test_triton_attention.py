@@ -211,8 +211,36 @@ def test_prefill(case, dtype, block_size, group):
     ref = attention_ref(query, kv_cache, md, scale)
     out = poisoned(query.shape, dtype)
     triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                           md.query_start_loc, md.max_query_len, scale, out=out)
+                                           md.query_start_loc, scale, out=out)
     assert_close(out, ref, dtype)
+
+
+def test_prefill_tiles_skip_empty_queries_and_padding():
+    """The flat tile grid: sequences with no query own no tile, padded sequences (seq_len 0) and
+    padded query rows past the last sequence get none, and a tile map built for more tokens than
+    the step holds (a CUDA graph's bound) leaves the extra programs empty."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    block_size, group = 16, 2
+    ctx_lens, query_lens = [0, 40, 0, 7, 0], [70, 0, 1, 130, 0]  # the last row is graph padding
+    seq_lens = [c + q for c, q in zip(ctx_lens, query_lens)]
+    kv_cache = make_cache([max(1, n) for n in seq_lens], block_size, dtype)
+    tables = make_block_tables([max(1, n) for n in seq_lens], block_size, kv_cache.shape[1])
+    md = make_metadata(seq_lens, query_lens, tables, block_size)
+    num_real = sum(query_lens)
+    query = 2 * torch.randn(num_real + 57, NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=DEVICE)
+    ref = attention_ref(query[:num_real], kv_cache, md, HEAD_DIM ** -0.5)
+    tpt = triton_kernels.prefill_tokens_per_tile(group)
+    tile_starts, tile_seq = triton_kernels.prefill_tile_map(md.query_start_loc, query.shape[0], tpt)
+    tiles = [-(-q // tpt) for q in query_lens]
+    assert tile_starts.tolist() == [sum(tiles[:i]) for i in range(len(tiles) + 1)]
+    assert tile_seq[:sum(tiles)].tolist() == [s for s, n in enumerate(tiles) for _ in range(n)]
+    assert tile_seq.shape[0] > sum(tiles)  # the bound leaves empty programs
+    out = poisoned(query.shape, dtype)
+    triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                           md.query_start_loc, HEAD_DIM ** -0.5, out=out,
+                                           tile_map=(tile_starts, tile_seq))
+    assert_close(out[:num_real], ref, dtype)
+    assert torch.isnan(out[num_real:].float()).all(), "a padded query row was written"
 
 
 def backend_ref(query, key, value, kv_cache, md, scale):

@@ -27,6 +27,8 @@ class AttentionMetadata:
     # [S] int32, sequences longest context first: set by a backend's first layer and reused by
     # the others (inside a CUDA graph too, where the sort is captured with them)
     decode_order: torch.Tensor | None = None
+    # (tile_starts, tile_seq) of the prefill kernel's query tiles: the same per-forward scratch
+    prefill_tile_map: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

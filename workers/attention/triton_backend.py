@@ -76,6 +76,10 @@ class TritonBackend:
             return kernels.paged_decode_attention(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
                 order=metadata.decode_order if self.longest_first else None)
+        if metadata.prefill_tile_map is None:  # once per forward: every layer has the same tiles
+            group = query.shape[1] // kv_cache.shape[3]
+            metadata.prefill_tile_map = kernels.prefill_tile_map(
+                metadata.query_start_loc, query.shape[0], kernels.prefill_tokens_per_tile(group))
         return kernels.paged_prefill_attention(
-            query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-            metadata.max_query_len, scale)
+            query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale,
+            tile_map=metadata.prefill_tile_map)

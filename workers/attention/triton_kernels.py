@@ -9,12 +9,10 @@ Every kernel computes in float32 and folds the softmax scale into exp2 (qk_scale
   contiguous slice of the context, with an online softmax; a second kernel merges the splits by
   their log-sum-exp. The grid depends only on (num_seqs, num_kv_heads, num_splits): each split's
   slice is computed on the device from seq_lens, so one captured graph serves any context length.
-- paged_prefill_attention: varlen flash attention. Grid (seq, kv_head, query tile); a tile packs
+- paged_prefill_attention: varlen flash attention. Grid (kv_head, query tile of any sequence); a tile packs
   BLOCK_M // group query tokens times the group's heads as its rows, so K/V are read once per kv
   head. Queries attend to the cached prefix and causally to themselves, all read from the cache.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -189,20 +187,22 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    tile_starts_ptr, tile_seq_ptr, out_ptr, num_seqs,
     qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; rows are (token, head) pairs
-    s = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    tile = tl.program_id(2)
+    kv_head = tl.program_id(0)
+    flat = tl.program_id(1)  # one query tile among every sequence's, numbered in sequence order
+    if flat >= tl.load(tile_starts_ptr + num_seqs):
+        return  # past the last tile: the grid is a bound, fixed when a CUDA graph is captured
+    s = tl.load(tile_seq_ptr + flat)
+    tile = flat - tl.load(tile_starts_ptr + s)
     q_start = tl.load(query_start_loc_ptr + s)
     q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
-    if tile * TOKENS >= q_len:
-        return
     seq_len = tl.load(seq_lens_ptr + s)
     ctx_len = seq_len - q_len  # tokens already in the cache before this step's queries
 
@@ -329,20 +329,49 @@ def paged_decode_attention(
     return out
 
 
+def prefill_tokens_per_tile(group: int, block_m: int = 128) -> int:
+    """Query tokens in one prefill tile: BLOCK_M rows hold (token, query head of the group) pairs."""
+    return max(block_m, triton.next_power_of_2(group) * 16) // group
+
+
+def prefill_tile_map(query_start_loc: torch.Tensor, num_tokens: int, tokens_per_tile: int):
+    """Every sequence's query tiles numbered in sequence order, on the device, without a sync.
+
+    Returns tile_starts [S + 1] int32 (the first tile of each sequence; the last entry is the
+    tile count) and tile_seq [bound] int32 (the sequence of each tile). The bound,
+    ceil(T / tokens_per_tile) + S, depends only on shapes, so a CUDA graph can capture it; tiles
+    past the count are empty programs.
+    """
+    num_seqs = query_start_loc.shape[0] - 1
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    tiles = torch.div(q_lens + (tokens_per_tile - 1), tokens_per_tile, rounding_mode="floor")
+    tile_starts = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query_start_loc.device)
+    tile_starts[1:] = torch.cumsum(tiles, 0, dtype=torch.int32)
+    bound = -(-num_tokens // tokens_per_tile) + num_seqs
+    flat = torch.arange(bound, dtype=torch.int32, device=query_start_loc.device)
+    # the last sequence whose first tile is <= flat (sequences with no query own no tile)
+    tile_seq = torch.searchsorted(tile_starts[1:], flat, right=True).to(torch.int32)
+    return tile_starts, tile_seq.clamp_(max=max(num_seqs - 1, 0))
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [S, max_blocks] int32
     seq_lens: torch.Tensor,  # [S] int32
     query_start_loc: torch.Tensor,  # [S + 1] int32
-    max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    tile_map: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_m: int = 128,
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
+    """Varlen prefill over the cache. Grid (kv head, query tile): one program per tile that exists,
+    however the tokens are spread over the sequences, so the grid stays small when a CUDA graph
+    pads a step to many sequences. tile_map: prefill_tile_map() of this step, shared by the layers
+    (computed here when not given)."""
     num_tokens, num_heads, head_dim = query.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     num_kv_heads = k_cache.shape[2]
@@ -351,11 +380,12 @@ def paged_prefill_attention(
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
     block_m = max(block_m, triton.next_power_of_2(group) * 16)
-    tokens_per_tile = block_m // group
+    tile_starts, tile_seq = tile_map if tile_map is not None else prefill_tile_map(
+        query_start_loc, num_tokens, prefill_tokens_per_tile(group, block_m))
     num_seqs = seq_lens.shape[0]
-    grid = (num_seqs, num_kv_heads, math.ceil(max_query_len / tokens_per_tile))
-    _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+    _prefill_kernel[(num_kv_heads, tile_seq.shape[0])](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_starts, tile_seq, out,
+        num_seqs, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
