@@ -53,11 +53,13 @@ class Qwen3Attention(nn.Module):
         # x [T, H]; kv_cache [2, num_blocks, block_size, Hkv, D]
         q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                                           self.num_kv_heads * self.head_dim], dim=-1)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        # a backend that takes K/V already in the cache lets the q/k kernel write them there
+        kv_write = (v, kv_cache, attn_metadata.slot_mapping) if self.attn.takes_written_kv else None
         q, k = self.rotary_emb.norm_and_rotate(positions, q.unflatten(-1, (self.num_heads, self.head_dim)),
                                                k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
-                                               self.q_norm, self.k_norm)  # [T, Hq, D], [T, Hkv, D]
-        o = self.attn.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), kv_cache,
-                              attn_metadata, self.scale)  # [T, Hq, D]
+                                               self.q_norm, self.k_norm, kv_write)  # [T, Hq, D], [T, Hkv, D] or None
+        o = self.attn.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, Hq, D]
         return self.o_proj(o.flatten(1))  # [T, H]
 
 

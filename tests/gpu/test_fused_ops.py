@@ -176,6 +176,31 @@ def test_qk_norm_rope(rope, dtype, num_tokens, heads):
     assert torch.equal(via_module[0], q_out) and torch.equal(via_module[1], k_out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@torch.inference_mode()
+def test_qk_norm_rope_writes_the_cache_as_reshape_and_cache_would(rope, dtype):
+    """kv_write: the same q, and k/v in the cache bit for bit where the two kernels put them;
+    slot -1 (graph padding) writes nothing."""
+    from workers.attention.triton_kernels import reshape_and_cache
+
+    num_tokens, num_heads, num_kv_heads, block_size, num_blocks = 37, 16, 8, 16, 8
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, dtype=dtype, device=DEVICE)
+    q, k, v = (x.unflatten(-1, (-1, HEAD_DIM)) for x in qkv.split(
+        [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=-1))
+    q_norm, k_norm = make_norm(HEAD_DIM, dtype), make_norm(HEAD_DIM, dtype)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[::5] = -1
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, HEAD_DIM, dtype=dtype, device=DEVICE)
+    expected = cache.clone()
+    with fused_ops(True):
+        ref_q, ref_k = rope.norm_and_rotate(positions, q, k, q_norm, k_norm)
+        reshape_and_cache(ref_k, v, expected, slots)
+        got_q, got_k = rope.norm_and_rotate(positions, q, k, q_norm, k_norm, kv_write=(v, cache, slots))
+    assert got_k is None and torch.equal(got_q, ref_q)
+    assert torch.equal(cache, expected)
+
+
 @torch.inference_mode()
 def test_qk_norm_rope_small_head_dim_and_no_tokens():
     """The tiny test model's head_dim 16 (half 8), 3 heads (padded to 4), contiguous inputs; T = 0."""
@@ -265,17 +290,20 @@ def test_cuda_graph_replay(rope):
 
 # ------------------------------------------------------------------------------- whole model
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.inference_mode()
-def test_tiny_model_matches_torch_path(tiny_model_dir):
-    """float32 tiny Qwen3: logits of a prefill and decode steps with fused ops vs without, 1e-5."""
+def test_tiny_model_matches_torch_path(tiny_model_dir, backend):
+    """float32 tiny Qwen3: logits of a prefill and decode steps with fused ops vs without, 1e-5.
+    With the Triton backend the fused q/k kernel also writes K/V into the cache."""
     from tests.conftest import PagedSeqs, allocate_kv_caches
+    from workers.attention import get_attention_backend
     from workers.config import ModelConfig
     from workers.model_configs import resolve_model
     from workers.weight_loader import load_model
 
     hf_config, _ = resolve_model(str(tiny_model_dir))
     model = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32"), hf_config, DEVICE,
-                       torch.float32)
+                       torch.float32, attn_backend=get_attention_backend(backend, DEVICE))
     prompts = {0: list(range(100, 117)), 1: [5], 2: list(range(2000, 2040))}
 
     def run(enabled: bool) -> list[torch.Tensor]:

@@ -41,11 +41,14 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    # True: forward accepts key None, meaning this step's K/V are in the cache already (written
+    # by the fused q/k norm + RoPE kernel); the backend reads K/V from the cache only
+    takes_written_kv: bool
 
     def forward(
         self,
         query: torch.Tensor,  # [T, num_heads, head_dim]
-        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: written already
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,

@@ -35,6 +35,7 @@ def _written_rows(metadata: AttentionMetadata) -> slice | list[int]:
 
 class TorchRefBackend:
     name = "torch"
+    takes_written_kv = False  # it writes the step's K/V itself, wherever the model runs
 
     def __init__(self, device: torch.device | str | None = None):
         pass  # stateless; device accepted for the registry's uniform constructor

@@ -25,6 +25,7 @@ from workers.attention import triton_kernels as kernels
 
 class TritonBackend:
     name = "triton"
+    takes_written_kv = True  # both kernels read K/V from the cache only
 
     def __init__(
         self,
@@ -60,13 +61,14 @@ class TritonBackend:
     def forward(
         self,
         query: torch.Tensor,  # [T, num_heads, head_dim]
-        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [T, num_kv_heads, head_dim]; None: already in the cache
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        kernels.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None:
+            kernels.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
         if metadata.is_decode_only:
             assert query.shape[0] == metadata.num_seqs, "decode rows are one token per sequence"
             num_splits = self.num_decode_splits(metadata.num_seqs, kv_cache.shape[3],

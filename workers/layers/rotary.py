@@ -26,12 +26,16 @@ class RotaryEmbedding(nn.Module):
         return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
 
     def norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                        q_norm: RMSNorm, k_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen3's per-head q/k RMSNorm, then RoPE: one fused kernel on CUDA, else the two torch steps."""
+                        q_norm: RMSNorm, k_norm: RMSNorm, kv_write=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Qwen3's per-head q/k RMSNorm, then RoPE: one fused kernel on CUDA, else the two torch steps.
+
+        kv_write = (v, kv_cache, slot_mapping): the fused kernel may also put k and v in the cache;
+        then the k returned is None (the torch path always returns k and leaves the cache alone)."""
         # q [T, Hq, D]; k [T, Hkv, D]: may be views of the qkv projection (token stride > H * D)
         ops = fused_ops_for(q, k, q_norm.weight, k_norm.weight)
         if ops is not None and q_norm.eps == k_norm.eps:
-            return ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos_sin_cache, positions)
+            return ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos_sin_cache, positions,
+                                    kv_write=kv_write)
         return self(positions, q_norm(q), k_norm(k))
 
 

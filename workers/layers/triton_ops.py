@@ -74,12 +74,14 @@ def _norm_rope_heads(
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_out_ptr, cos_sin_ptr, positions_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, eps,
+    v_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache, eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, TO_CACHE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
+    KV_ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     d = tl.arange(0, BLOCK_HALF)
     cache_row = cos_sin_ptr + tl.load(positions_ptr + t).to(tl.int64) * stride_cache
     cos = tl.load(cache_row + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
@@ -87,9 +89,21 @@ def _qk_norm_rope_kernel(
     _norm_rope_heads(q_ptr + t * stride_qt, stride_qh, q_weight_ptr,
                      q_out_ptr + t * (NUM_Q_HEADS * HEAD_DIM), cos, sin, eps,
                      NUM_Q_HEADS, HEAD_DIM, BLOCK_HQ, BLOCK_HALF)
-    _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr,
-                     k_out_ptr + t * (NUM_KV_HEADS * HEAD_DIM), cos, sin, eps,
-                     NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF)
+    if TO_CACHE:
+        # k goes straight to its cache slot (k_out is the key cache, rows of Hkv x D), v is copied
+        # beside it: what reshape_and_cache would write, without the second kernel
+        slot = tl.load(slot_mapping_ptr + t)
+        if slot >= 0:  # -1: a CUDA-graph padding token, written nowhere
+            _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr, k_out_ptr + slot * KV_ROW,
+                             cos, sin, eps, NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF)
+            heads = tl.arange(0, BLOCK_HKV)
+            full = tl.arange(0, 2 * BLOCK_HALF)
+            mask = (heads[:, None] < NUM_KV_HEADS) & (full[None, :] < HEAD_DIM)
+            v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + full[None, :], mask=mask)
+            tl.store(v_cache_ptr + slot * KV_ROW + heads[:, None] * HEAD_DIM + full[None, :], v, mask=mask)
+    else:
+        _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr, k_out_ptr + t * KV_ROW,
+                         cos, sin, eps, NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF)
 
 
 @triton.jit
@@ -164,26 +178,41 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  eps: float, cos_sin_cache: torch.Tensor,
                  positions: torch.Tensor, q_out: torch.Tensor | None = None,
-                 k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_out: torch.Tensor | None = None, kv_write=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-head RMSNorm then neox RoPE. q [T, Hq, D], k [T, Hkv, D] (any token/head strides),
-    weights [D], cos_sin_cache [max_pos, D] (cos | sin), positions [T] -> new contiguous q, k."""
+    weights [D], cos_sin_cache [max_pos, D] (cos | sin), positions [T] -> new contiguous q, k.
+
+    kv_write = (v [T, Hkv, D], kv_cache [2, num_blocks, block_size, Hkv, D], slot_mapping [T]):
+    k and v go straight into the cache, as reshape_and_cache would put them (slot -1: nowhere),
+    and the k returned is None: one kernel a layer instead of two."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == (num_tokens, num_kv_heads, head_dim) and head_dim % 2 == 0
     assert q.dtype == k.dtype == q_weight.dtype == k_weight.dtype
     assert cos_sin_cache.shape[-1] == head_dim and cos_sin_cache.stride(-1) == 1
     q, k = _heads(q), _heads(k)
-    q_out, k_out = _output(q_out, q.shape, q), _output(k_out, k.shape, k)
+    q_out = _output(q_out, q.shape, q)
+    if kv_write is not None:
+        v, kv_cache, slot_mapping = kv_write
+        v = _heads(v)
+        assert v.shape == k.shape and kv_cache.dtype == k.dtype and kv_cache.is_contiguous()
+        assert kv_cache.shape[-2:] == (num_kv_heads, head_dim)
+        k_out, v_cache = kv_cache[0], kv_cache[1]
+    else:
+        k_out = _output(k_out, k.shape, k)
+        v, v_cache, slot_mapping = k, k_out, positions  # unused
     if num_tokens > 0:
         block_hq, block_hkv = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_kv_heads)
         block_half = triton.next_power_of_2(head_dim // 2)
         _qk_norm_rope_kernel[(num_tokens,)](
             q, k, q_weight, k_weight, q_out, k_out, cos_sin_cache, positions.contiguous(),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), eps,
+            v, v_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos_sin_cache.stride(0), eps,
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half,
+            BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, TO_CACHE=kv_write is not None,
             num_warps=_norm_warps(block_hq * block_half), **_NO_FMA)
-    return q_out, k_out
+    return q_out, (None if kv_write is not None else k_out)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
