@@ -14,6 +14,7 @@ it adds per decode step; --data-parallel-size 2 against 1 gives data-parallel sc
 import argparse
 import contextlib
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -270,19 +271,27 @@ def bench_latency(args) -> None:
 
 
 def bench_prefix(args) -> None:
+    """Cold: the first request with a new prefix; warm: the next one, with another suffix. Each
+    is a single one-step request, so one sample is noisy: --repeats prefixes, medians reported."""
     llm = _make_llm(args, enable_prefix_caching=True)
     llm.generate([[1, 2, 3]], _params(8), use_tqdm=False)
-    prefix = fixed_workload(1, args.prefix_len, 1, seed=7).prompts[0]
-    results = {}
-    for name, suffix in [("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])]:
-        _sync()
-        start = time.perf_counter()
-        out = llm.generate([prefix + suffix], _params(1), use_tqdm=False)[0]
-        _sync()
-        results[name] = {"ttft_ms": 1e3 * (time.perf_counter() - start), "cached": out.metrics.num_cached_tokens}
-    _emit(args, {"bench": "prefix_cache", "prefix_len": args.prefix_len, **{
-        f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
-        "speedup": results["cold"]["ttft_ms"] / results["warm"]["ttft_ms"]})
+    prefixes = fixed_workload(args.repeats + 1, args.prefix_len, 1, seed=7).prompts
+    samples = {"cold": [], "warm": []}
+    for i, prefix in enumerate(prefixes):
+        for name, suffix in [("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])]:
+            _sync()
+            start = time.perf_counter()
+            out = llm.generate([prefix + suffix], _params(1), use_tqdm=False)[0]
+            _sync()
+            ms = 1e3 * (time.perf_counter() - start)
+            cached = out.metrics.num_cached_tokens
+            assert (cached == 0) == (name == "cold"), f"{name} request: {cached} tokens from the cache"
+            if i > 0:  # the first prefix warms up the step shapes both requests take
+                samples[name].append(ms)
+    cold, warm = statistics.median(samples["cold"]), statistics.median(samples["warm"])
+    _emit(args, {"bench": "prefix_cache", "prefix_len": args.prefix_len, "repeats": args.repeats,
+                 "cold_ttft_ms": cold, "warm_ttft_ms": warm, "speedup": cold / warm,
+                 "cold_samples_ms": samples["cold"], "warm_samples_ms": samples["warm"]})
 
 
 def main(argv=None) -> None:
@@ -309,6 +318,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="8,32,128")
     p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5, help="prefix: prefixes timed, cold and warm each")
     p.add_argument("--hf-modes", default="generate,generate_batch",
                    help="generate first: generate_batch did not finish in 170 s on an H100 (run 1)")
     p.add_argument("--hf-batch", type=int, default=64)

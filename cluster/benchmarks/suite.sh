@@ -28,7 +28,7 @@ tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for the tensor-parallel 
 
 for stage in "$@"; do
   case $stage in
-    tests) run tests 240 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;
+    tests) run tests 330 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;
     attntests) run attntests 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py ;;
     graphtests) run graphtests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_prefill_graphs.py \
                   tests/gpu/test_engine_gpu.py ;;

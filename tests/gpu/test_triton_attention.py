@@ -209,10 +209,46 @@ def test_prefill(case, dtype, block_size, group):
                             device=DEVICE)
     scale = HEAD_DIM ** -0.5
     ref = attention_ref(query, kv_cache, md, scale)
-    out = poisoned(query.shape, dtype)
-    triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                           md.query_start_loc, scale, out=out)
-    assert_close(out, ref, dtype)
+    for num_splits in (1, 3):  # split keys: most slices of the short tiles are empty
+        out = poisoned(query.shape, dtype)
+        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                               md.query_start_loc, scale, out=out, num_splits=num_splits)
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_split_keys_over_a_long_prefix(dtype):
+    """A prefix-cache hit: a few query tokens over a long cached context, with the keys split in
+    up to 32 slices (as TritonBackend chooses for such a step), equals the unsplit kernel."""
+    ctx_lens, query_lens = ([2048, 700], [4, 1]) if DEVICE == "cuda" else ([300, 70], [4, 1])
+    block_size, group = 16, 2
+    seq_lens = [c + q for c, q in zip(ctx_lens, query_lens)]
+    kv_cache = make_cache(seq_lens, block_size, dtype)
+    md = make_metadata(seq_lens, query_lens, make_block_tables(seq_lens, block_size, kv_cache.shape[1]),
+                       block_size)
+    query = 2 * torch.randn(sum(query_lens), NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=DEVICE)
+    ref = attention_ref(query, kv_cache, md, 0.09)
+    whole = triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                                   md.query_start_loc, 0.09)
+    assert_close(whole, ref, dtype)
+    for num_splits in (2, 5, 32):
+        out = poisoned(query.shape, dtype)
+        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                               md.query_start_loc, 0.09, out=out, num_splits=num_splits)
+        assert_close(out, ref, dtype)
+
+
+def test_prefill_split_count():
+    """Splits only where the step's tiles leave SMs idle, and never past the partials' row bound."""
+    from workers.attention.triton_backend import TritonBackend
+
+    backend = TritonBackend(DEVICE)
+    backend.num_sms = 132  # an H100's count, whatever runs the test
+    assert backend.num_prefill_splits(4, NUM_KV_HEADS, 2, 4096) == 32  # a prefix-cache hit
+    assert backend.num_prefill_splits(4, NUM_KV_HEADS, 2, 100) == 2  # eager: its context bounds it
+    assert backend.num_prefill_splits(1024, NUM_KV_HEADS, 2, 4096) == 4  # 16 tiles: 128 programs
+    assert backend.num_prefill_splits(2048, NUM_KV_HEADS, 2, 4096) == 1  # 256 programs fill the SMs
+    assert backend.num_prefill_splits(16384, NUM_KV_HEADS, 2, 4096) == 1
 
 
 def test_prefill_tiles_skip_empty_queries_and_padding():
@@ -235,12 +271,13 @@ def test_prefill_tiles_skip_empty_queries_and_padding():
     assert tile_starts.tolist() == [sum(tiles[:i]) for i in range(len(tiles) + 1)]
     assert tile_seq[:sum(tiles)].tolist() == [s for s, n in enumerate(tiles) for _ in range(n)]
     assert tile_seq.shape[0] > sum(tiles)  # the bound leaves empty programs
-    out = poisoned(query.shape, dtype)
-    triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                           md.query_start_loc, HEAD_DIM ** -0.5, out=out,
-                                           tile_map=(tile_starts, tile_seq))
-    assert_close(out[:num_real], ref, dtype)
-    assert torch.isnan(out[num_real:].float()).all(), "a padded query row was written"
+    for num_splits in (1, 4):
+        out = poisoned(query.shape, dtype)
+        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                               md.query_start_loc, HEAD_DIM ** -0.5, out=out,
+                                               tile_map=(tile_starts, tile_seq), num_splits=num_splits)
+        assert_close(out[:num_real], ref, dtype)
+        assert torch.isnan(out[num_real:].float()).all(), "a padded query row was written"
 
 
 def backend_ref(query, key, value, kv_cache, md, scale):

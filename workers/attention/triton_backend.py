@@ -4,13 +4,14 @@ forward = write this step's K/V into the cache, then
   decode-only batch (max_query_len == 1) -> split-KV paged decode kernel + split merge;
   any other batch -> varlen prefill kernel over the cache (prefix, chunks and decode rows alike).
 
-CUDA graphs (decode-only batches). forward does no device sync and reads only host ints from
-the metadata: num_seqs (len(seq_lens_cpu)), max_query_len and max_seq_len. What one captured
-graph fixes:
+CUDA graphs (decode steps, and every other step padded to a token count). forward does no device
+sync and reads only host ints from the metadata: num_seqs (len(seq_lens_cpu)), max_query_len and
+max_seq_len. What one captured graph fixes:
   - the number of sequences S (pad with rows of slot_mapping -1 and seq_len 0: they write
     nothing and give zero output) and the tensors' addresses and shapes: query/key/value,
     kv_cache, slot_mapping, seq_lens, block_tables (its width too: it is a stride argument);
-  - the number of KV splits, chosen from (S, metadata.max_seq_len) by num_decode_splits();
+  - the number of KV splits, chosen from (S, metadata.max_seq_len) by num_decode_splits(), and
+    for other steps from (T, metadata.max_seq_len) by num_prefill_splits();
   - longest_first: the order of the sequences, sorted on the device by the first layer.
     Capture with max_seq_len = the longest context the graph may serve (e.g. max_model_len)
     or pass fixed_decode_splits to the constructor. Replays are correct for any seq_lens: each
@@ -32,6 +33,8 @@ class TritonBackend:
         device: torch.device | str | None = None,
         fixed_decode_splits: int | None = None,
         max_decode_splits: int = 64,
+        max_prefill_splits: int = 32,
+        max_prefill_split_rows: int = 4096,
         min_split_tokens: int = 64,
         programs_per_sm: int = 4,
         longest_first: bool = True,
@@ -42,6 +45,8 @@ class TritonBackend:
                         if device.type == "cuda" else 4)
         self.fixed_decode_splits = fixed_decode_splits
         self.max_decode_splits = max_decode_splits
+        self.max_prefill_splits = max_prefill_splits
+        self.max_prefill_split_rows = max_prefill_split_rows
         self.min_split_tokens = min_split_tokens
         self.programs_per_sm = programs_per_sm
         self.longest_first = longest_first
@@ -57,6 +62,22 @@ class TritonBackend:
         wanted = -(-self.programs_per_sm * self.num_sms // max(1, num_seqs * num_kv_heads))
         by_length = -(-max_seq_len // self.min_split_tokens)
         return max(1, min(wanted, by_length, self.max_decode_splits))
+
+    def num_prefill_splits(self, num_tokens: int, num_kv_heads: int, group: int, max_seq_len: int) -> int:
+        """KV splits for a non-decode step, from host ints only (a CUDA graph captures the count).
+
+        Split only when the step's tokens make fewer (kv head, tile) programs than there are SMs:
+        a 4-token prefix-cache hit over 2k cached tokens is one tile, 8 programs on an H100's 132
+        SMs. Each split's partials cost T rows of float32 writes and a merge read, so the count
+        also stays under max_prefill_split_rows // T (and is 1 for any step of many tiles)."""
+        min_tiles = max(1, -(-num_tokens // kernels.prefill_tokens_per_tile(group)))
+        programs = min_tiles * num_kv_heads
+        if programs >= self.num_sms:
+            return 1
+        wanted = -(-self.programs_per_sm * self.num_sms // programs)
+        by_length = -(-max_seq_len // self.min_split_tokens)
+        by_rows = max(1, self.max_prefill_split_rows // max(1, num_tokens))
+        return max(1, min(wanted, by_length, by_rows, self.max_prefill_splits))
 
     def forward(
         self,
@@ -78,10 +99,11 @@ class TritonBackend:
             return kernels.paged_decode_attention(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
                 order=metadata.decode_order if self.longest_first else None)
+        group = query.shape[1] // kv_cache.shape[3]
         if metadata.prefill_tile_map is None:  # once per forward: every layer has the same tiles
-            group = query.shape[1] // kv_cache.shape[3]
             metadata.prefill_tile_map = kernels.prefill_tile_map(
                 metadata.query_start_loc, query.shape[0], kernels.prefill_tokens_per_tile(group))
+        num_splits = self.num_prefill_splits(query.shape[0], kv_cache.shape[3], group, metadata.max_seq_len)
         return kernels.paged_prefill_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale,
-            tile_map=metadata.prefill_tile_map)
+            tile_map=metadata.prefill_tile_map, num_splits=num_splits)

@@ -9,9 +9,10 @@ Every kernel computes in float32 and folds the softmax scale into exp2 (qk_scale
   contiguous slice of the context, with an online softmax; a second kernel merges the splits by
   their log-sum-exp. The grid depends only on (num_seqs, num_kv_heads, num_splits): each split's
   slice is computed on the device from seq_lens, so one captured graph serves any context length.
-- paged_prefill_attention: varlen flash attention. Grid (kv_head, query tile of any sequence); a tile packs
-  BLOCK_M // group query tokens times the group's heads as its rows, so K/V are read once per kv
-  head. Queries attend to the cached prefix and causally to themselves, all read from the cache.
+- paged_prefill_attention: varlen flash attention. Grid (kv_head, query tile of any sequence, split); a
+  tile packs BLOCK_M // group query tokens times the group's heads as its rows, so K/V are read
+  once per kv head. Queries attend to the cached prefix and causally to themselves, all read from
+  the cache. Few tiles over a long context split the keys, merged as the decode splits are.
 """
 import torch
 import triton
@@ -162,13 +163,17 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, s, heads, h_mask, offs_d,
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+def _reduce_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, num_rows_ptr,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROW_LIMIT: tl.constexpr,
 ):
+    """One program per (row, head): a decode sequence, or a prefill query token."""
     s = tl.program_id(0)
     head = tl.program_id(1)
+    if ROW_LIMIT:
+        if s >= tl.load(num_rows_ptr):
+            return  # a CUDA graph's padding token: no tile wrote its partials
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     lse = tl.load(part_lse_ptr + s * stride_lt + head * stride_lh + offs_s,
@@ -188,15 +193,17 @@ def _decode_reduce_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    tile_starts_ptr, tile_seq_ptr, out_ptr, num_seqs,
+    tile_starts_ptr, tile_seq_ptr, out_ptr, part_out_ptr, part_lse_ptr, num_seqs, num_splits,
     qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; rows are (token, head) pairs
     kv_head = tl.program_id(0)
     flat = tl.program_id(1)  # one query tile among every sequence's, numbered in sequence order
+    split = tl.program_id(2)
     if flat >= tl.load(tile_starts_ptr + num_seqs):
         return  # past the last tile: the grid is a bound, fixed when a CUDA graph is captured
     s = tl.load(tile_seq_ptr + flat)
@@ -213,33 +220,50 @@ def _prefill_kernel(
     m_mask = (tok < q_len) & (offs_m < TOKENS * GROUP)  # a group that is no power of 2 leaves spare rows
     d_mask = offs_d < HEAD_DIM
     row_q = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + row_q[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = ctx_len + tok  # absolute position of each row's query token
 
+    # keys [0, first query position] are visible to every row of the tile: no causal mask there
+    first_pos = ctx_len + tile * TOKENS
+    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    key_end = tl.minimum(first_pos + TOKENS, seq_len)
+    # this split's BLOCK_N-aligned slice of the tile's keys (all of them when ONE_SPLIT)
+    split_len = tl.cdiv(tl.cdiv(key_end, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, key_end)
+    if not ONE_SPLIT:
+        if lo >= hi:  # an empty slice adds nothing: its weight, exp2(-inf), is all the merge reads
+            tl.store(part_lse_ptr + row_q * stride_lt + heads * stride_lh + split, float("-inf"),
+                     mask=m_mask)
+            return
+
+    q = tl.load(q_ptr + row_q[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
     kv_head_off = kv_head * stride_kh
-    # keys [0, first query position] are visible to every row of the tile: no causal mask there
-    first_pos = ctx_len + tile * TOKENS
-    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-    key_end = tl.minimum(first_pos + TOKENS, seq_len)
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in range(lo, tl.minimum(full_end, hi), BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
-            stride_kb, stride_kt, offs_d, d_mask, key_end, q_pos, qk_scale,
+            stride_kb, stride_kt, offs_d, d_mask, hi, q_pos, qk_scale,
             BLOCK_SIZE, BLOCK_N, False, DOT_PREC)
-    for n0 in range(full_end, key_end, BLOCK_N):
+    for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,
-            stride_kb, stride_kt, offs_d, d_mask, key_end, q_pos, qk_scale,
+            stride_kb, stride_kt, offs_d, d_mask, hi, q_pos, qk_scale,
             BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + row_q[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    o_mask = m_mask[:, None] & d_mask[None, :]
+    if ONE_SPLIT:
+        tl.store(out_ptr + row_q[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(part_out_ptr + row_q[:, None] * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+                 + offs_d[None, :], out, mask=o_mask)
+        tl.store(part_lse_ptr + row_q * stride_lt + heads * stride_lh + split, m_i + tl.log2(l_i),
+                 mask=m_mask)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -322,10 +346,10 @@ def paged_decode_attention(
         DOT_PREC=_dot_precision(query.dtype), ORDERED=order is not None, num_warps=num_warps,
         num_stages=num_stages)
     if not one_split and not fused_merge:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits, *part_strides, out.stride(0), out.stride(1),
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits, seq_lens, *part_strides, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4)
+            ROW_LIMIT=False, num_warps=4)
     return out
 
 
@@ -339,15 +363,18 @@ def prefill_tile_map(query_start_loc: torch.Tensor, num_tokens: int, tokens_per_
 
     Returns tile_starts [S + 1] int32 (the first tile of each sequence; the last entry is the
     tile count) and tile_seq [bound] int32 (the sequence of each tile). The bound,
-    ceil(T / tokens_per_tile) + S, depends only on shapes, so a CUDA graph can capture it; tiles
-    past the count are empty programs.
+    ceil(T / tokens_per_tile) + min(S, T) (only a sequence with a query token owns a tile, and
+    at most one of its tiles is partial), depends only on shapes, so a CUDA graph can capture
+    it; tiles past the count are empty programs. A tight bound matters: with S in it, a 16-token
+    graph for 256 sequences launched 257 tile slots for every kv head and split, 3.9 ms a
+    prefix-cache hit on an H100.
     """
     num_seqs = query_start_loc.shape[0] - 1
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     tiles = torch.div(q_lens + (tokens_per_tile - 1), tokens_per_tile, rounding_mode="floor")
     tile_starts = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query_start_loc.device)
     tile_starts[1:] = torch.cumsum(tiles, 0, dtype=torch.int32)
-    bound = -(-num_tokens // tokens_per_tile) + num_seqs
+    bound = -(-num_tokens // tokens_per_tile) + min(num_seqs, num_tokens)
     flat = torch.arange(bound, dtype=torch.int32, device=query_start_loc.device)
     # the last sequence whose first tile is <= flat (sequences with no query own no tile)
     tile_seq = torch.searchsorted(tile_starts[1:], flat, right=True).to(torch.int32)
@@ -363,15 +390,20 @@ def paged_prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     tile_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_splits: int = 1,
     block_m: int = 128,
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """Varlen prefill over the cache. Grid (kv head, query tile): one program per tile that exists,
-    however the tokens are spread over the sequences, so the grid stays small when a CUDA graph
-    pads a step to many sequences. tile_map: prefill_tile_map() of this step, shared by the layers
-    (computed here when not given)."""
+    """Varlen prefill over the cache. Grid (kv head, query tile, split): one program per tile that
+    exists, however the tokens are spread over the sequences, so the grid stays small when a CUDA
+    graph pads a step to many sequences. tile_map: prefill_tile_map() of this step, shared by the
+    layers (computed here when not given).
+
+    num_splits > 1 splits each tile's keys into that many slices, merged by a second kernel as the
+    decode splits are: a step of few query tiles over a long context (a prefix-cache hit, a
+    chunk's tail) otherwise runs on a handful of SMs. Slices past a tile's keys cost one store."""
     num_tokens, num_heads, head_dim = query.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     num_kv_heads = k_cache.shape[2]
@@ -383,12 +415,28 @@ def paged_prefill_attention(
     tile_starts, tile_seq = tile_map if tile_map is not None else prefill_tile_map(
         query_start_loc, num_tokens, prefill_tokens_per_tile(group, block_m))
     num_seqs = seq_lens.shape[0]
-    _prefill_kernel[(num_kv_heads, tile_seq.shape[0])](
+    one_split = num_splits == 1
+    if one_split:
+        part_out, part_lse, part_strides = out, out, (0, 0, 0, 0, 0)  # unused
+    else:
+        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
+                               device=query.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2),
+                        part_lse.stride(0), part_lse.stride(1))
+    block_d = triton.next_power_of_2(head_dim)
+    _prefill_kernel[(num_kv_heads, tile_seq.shape[0], num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_starts, tile_seq, out,
-        num_seqs, scale * LOG2E,
+        part_out, part_lse, num_seqs, num_splits, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        block_tables.stride(0), out.stride(0), out.stride(1), *part_strides,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, ONE_SPLIT=one_split,
         DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+    if not one_split:
+        # tokens past query_start_loc[S] are padding; the merge leaves their rows unwritten
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, num_splits, query_start_loc[num_seqs:], *part_strides,
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits), ROW_LIMIT=True, num_warps=4)
     return out
