@@ -219,7 +219,8 @@ def test_prefill(case, dtype, block_size, group):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_split_keys_over_a_long_prefix(dtype):
     """A prefix-cache hit: a few query tokens over a long cached context, with the keys split in
-    up to 32 slices (as TritonBackend chooses for such a step), equals the unsplit kernel."""
+    up to 32 slices (as TritonBackend chooses for such a step) and fewer programs than (tile,
+    slice) items, equals the reference."""
     ctx_lens, query_lens = ([2048, 700], [4, 1]) if DEVICE == "cuda" else ([300, 70], [4, 1])
     block_size, group = 16, 2
     seq_lens = [c + q for c, q in zip(ctx_lens, query_lens)]
@@ -231,10 +232,11 @@ def test_prefill_split_keys_over_a_long_prefix(dtype):
     whole = triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
                                                    md.query_start_loc, 0.09)
     assert_close(whole, ref, dtype)
-    for num_splits in (2, 5, 32):
+    for num_splits, programs in [(2, None), (5, 3), (32, 7)]:  # a few programs walk many items
         out = poisoned(query.shape, dtype)
         triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                               md.query_start_loc, 0.09, out=out, num_splits=num_splits)
+                                               md.query_start_loc, 0.09, out=out, num_splits=num_splits,
+                                               split_programs=programs)
         assert_close(out, ref, dtype)
 
 

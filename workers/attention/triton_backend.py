@@ -69,7 +69,9 @@ class TritonBackend:
         Split only when the step's tokens make fewer (kv head, tile) programs than there are SMs:
         a 4-token prefix-cache hit over 2k cached tokens is one tile, 8 programs on an H100's 132
         SMs. Each split's partials cost T rows of float32 writes and a merge read, so the count
-        also stays under max_prefill_split_rows // T (and is 1 for any step of many tiles)."""
+        also stays under max_prefill_split_rows // T (and is 1 for any step of many tiles). The
+        split kernel runs programs_per_sm programs a SM whatever the count, walking the (tile,
+        slice) items that exist, so slices past a short context cost a store each."""
         min_tiles = max(1, -(-num_tokens // kernels.prefill_tokens_per_tile(group)))
         programs = min_tiles * num_kv_heads
         if programs >= self.num_sms:
@@ -103,7 +105,9 @@ class TritonBackend:
         if metadata.prefill_tile_map is None:  # once per forward: every layer has the same tiles
             metadata.prefill_tile_map = kernels.prefill_tile_map(
                 metadata.query_start_loc, query.shape[0], kernels.prefill_tokens_per_tile(group))
-        num_splits = self.num_prefill_splits(query.shape[0], kv_cache.shape[3], group, metadata.max_seq_len)
+        num_kv_heads = kv_cache.shape[3]
+        num_splits = self.num_prefill_splits(query.shape[0], num_kv_heads, group, metadata.max_seq_len)
         return kernels.paged_prefill_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale,
-            tile_map=metadata.prefill_tile_map, num_splits=num_splits)
+            tile_map=metadata.prefill_tile_map, num_splits=num_splits,
+            split_programs=-(-self.programs_per_sm * self.num_sms // num_kv_heads))
