@@ -24,8 +24,7 @@ class Worker:
                  hf_config, max_model_len: int, eos_token_ids: list[int], device: str = "auto", parallel: TensorParallelGroup | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False):
         self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self._bind_thread()
         self.parallel = parallel or TensorParallelGroup.single()
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -35,11 +34,24 @@ class Worker:
                                   self.parallel, eos_token_ids, attention_backend, max_model_len,
                                   enforce_eager)
 
+    def _bind_thread(self) -> None:
+        """Make this worker's GPU the calling thread's current device.
+
+        The current CUDA device is per thread, and a Ray actor runs its methods on more than one
+        (a compiled graph executes on its own thread). Torch ops follow their tensors' device, but
+        Triton launches on the current one: a tensor-parallel rank whose GPU is not index 0 died
+        with "Pointer argument cannot be accessed from Triton" on its first bf16 step. Every entry
+        point that touches the device calls this (cheap when the device is already current)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def load_model(self) -> None:
+        self._bind_thread()
         self.runner.load_model()
 
     def determine_num_blocks(self) -> int:
         """Blocks this rank can hold; a replica takes the minimum over its ranks."""
+        self._bind_thread()
         cfg = self.cache_config
         at_most = blocks_needed_at_most(self.max_model_len, self.scheduler_config.max_num_seqs, cfg.block_size)
         if cfg.num_gpu_blocks is not None:
@@ -62,11 +74,14 @@ class Worker:
         return int(total * self.cache_config.gpu_memory_utilization) - peak - max(0, used_by_others)
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        self._bind_thread()
         self.runner.init_kv_cache(num_blocks)
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self._bind_thread()
         return self.runner.execute_model(step)
 
     def launch(self, step: SchedulerOutput):
         """Enqueue the step and return its handle (result() waits for it); steps run in order."""
+        self._bind_thread()
         return self.runner.launch(step)

@@ -74,3 +74,35 @@ def test_bf16_dummy_qwen3_runs_with_graphs_and_chunked_prefill():
                          use_tqdm=False)
     assert all(o.metrics.num_cached_tokens > 0 for o in again), "the prompts should come from the prefix cache"
     llm.engine.scheduler.block_manager.check_no_leaks()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_steps_from_another_thread_run_on_the_workers_gpu():
+    """A Ray actor runs its methods on several threads, and the current CUDA device is per thread.
+    A worker on GPU 1 stepped from a fresh thread (current device 0) must still launch its Triton
+    kernels there: tensor-parallel ranks > 0 died on this ("cannot be accessed from Triton")."""
+    import threading
+
+    from cluster import LLM, SamplingParams
+
+    torch.cuda.set_device(1)  # the worker takes the current device, as a TP rank takes its own
+    try:
+        llm = LLM("Qwen/Qwen3-0.6B", load_format="dummy", max_model_len=512, max_num_seqs=8,
+                  gpu_memory_utilization=0.3)
+    finally:
+        torch.cuda.set_device(0)
+    assert llm.engine.worker.device == torch.device("cuda", 1)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    results = {}
+
+    def step_elsewhere():
+        try:
+            results["outs"] = llm.generate([[5, 6, 7] * 20, [9] * 3], params, use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results["error"] = e
+
+    thread = threading.Thread(target=step_elsewhere)
+    thread.start()
+    thread.join()
+    assert "error" not in results, results.get("error")
+    assert [len(o.outputs[0].token_ids) for o in results["outs"]] == [8, 8]
