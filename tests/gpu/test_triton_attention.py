@@ -248,7 +248,8 @@ def test_prefill_split_count():
     backend.num_sms = 132  # an H100's count, whatever runs the test
     assert backend.num_prefill_splits(4, NUM_KV_HEADS, 2, 4096) == 32  # a prefix-cache hit
     assert backend.num_prefill_splits(4, NUM_KV_HEADS, 2, 100) == 2  # eager: its context bounds it
-    assert backend.num_prefill_splits(1024, NUM_KV_HEADS, 2, 4096) == 4  # 16 tiles: 128 programs
+    assert backend.num_prefill_splits(64, NUM_KV_HEADS, 2, 4096) == 32  # the largest step split
+    assert backend.num_prefill_splits(128, NUM_KV_HEADS, 2, 4096) == 1  # a fresh prompt's graph
     assert backend.num_prefill_splits(2048, NUM_KV_HEADS, 2, 4096) == 1  # 256 programs fill the SMs
     assert backend.num_prefill_splits(16384, NUM_KV_HEADS, 2, 4096) == 1
 
