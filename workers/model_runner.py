@@ -67,10 +67,10 @@ class ModelRunner:
     def _warm_logits(self, max_rows: int) -> None:
         """Run the lm_head once at every row count a step can sample (1..max_num_seqs).
 
-        cuBLAS settles on a kernel for each new matrix shape the first time it sees it, and that
-        first call blocked the host until the device had drained: in the H100 throughput run,
-        35-75 ms inside each 16k-token prefill step's launch, and a stall at every new batch size
-        in serving. Paying it here costs start-up a fraction of a second."""
+        The first lm_head call at a new row count blocked the host until the device had drained
+        (cuBLAS's first call for a shape; no allocator retry, and CUDA_MODULE_LOADING=EAGER did not
+        help): in the H100 throughput run, 35-75 ms inside each 16k-token prefill step's launch,
+        and a stall at every new batch size in serving. Here it costs start-up one call a count."""
         hidden = torch.zeros(max_rows, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         for rows in range(1, max_rows + 1):
             self.model.compute_logits(hidden[:rows])
