@@ -36,12 +36,17 @@ def _emit(args, result: dict) -> None:
 
 
 def run_dp(args) -> None:
-    base = None
+    """Efficiency is against DP=1's throughput: of this run when --sizes holds 1, else of
+    --dp1-tok-per-s (another run's, so say which), else not computed. (It once divided by the
+    first size's own figure, printing 1.0 for a lone DP=4.)"""
+    base, base_from = args.dp1_tok_per_s, "--dp1-tok-per-s" if args.dp1_tok_per_s else None
     for dp in [int(s) for s in args.sizes.split(",")]:
         result = _offline(args, "throughput", "--data-parallel-size", str(dp),
                           "--num-requests", str(args.requests_per_replica * dp))[-1]
-        base = base or result["output_tok_per_s"] / dp
-        _emit(args, {**result, "bench": "dp_scaling", "efficiency": result["output_tok_per_s"] / (dp * base)})
+        if dp == 1:
+            base, base_from = result["output_tok_per_s"], "this run"
+        efficiency = result["output_tok_per_s"] / (dp * base) if base else None
+        _emit(args, {**result, "bench": "dp_scaling", "efficiency": efficiency, "dp1_from": base_from})
 
 
 def _greedy_ids(args, tp: int, prompts: list[list[int]]) -> list[list[int]]:
@@ -84,6 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("run", choices=["dp", "tp"])
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
     p.add_argument("--sizes", default="1,2,4,8")
+    p.add_argument("--dp1-tok-per-s", type=float, default=None,
+                   help="dp: DP=1 throughput from another run, when --sizes lacks 1")
     p.add_argument("--requests-per-replica", type=int, default=256)
     p.add_argument("--dtype", default="float32", help="tp: float32 keeps greedy ids comparable across sizes")
     p.add_argument("--max-tokens", type=int, default=32)

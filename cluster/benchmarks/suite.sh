@@ -5,7 +5,7 @@
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
 # Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
 #   attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
-# Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp24 tp8b tp32b (four GPUs)
+# Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
 set -u
 out=${1:?usage: suite.sh OUT_DIR STAGE...}
@@ -49,10 +49,11 @@ for stage in "$@"; do
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
       run ray_latency 150 $offline latency --use-ray --batches 32 --out "$out" ;;  # start-up alone ~60 s
     dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
-    dp2) run dp2 130 $scale dp --sizes 2 --out "$out" ;;  # DP=1 is the ray stage's throughput
+    dp2) run dp2 130 $scale dp --sizes 2 --out "$out" ;;  # no efficiency: divide by the ray stage's DP=1
     tp2eq) run tp2eq 140 $scale tp --sizes 1,2 --equality-only $tp_flags --out "$out" ;;
-    dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;
-    dp24) run dp24 200 $scale dp --sizes 2,4 --out "$out" ;;  # DP=1 is the ray stage's throughput
+    dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;  # likewise
+    dp14) run dp14 220 $scale dp --sizes 1,4 --out "$out" ;;
+    dp24) run dp24 280 $scale dp --sizes 1,2,4 --out "$out" ;;
     tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput $tp_flags \
              --out "$out" ;;
     tp32b) run tp32b 230 $scale tp --model Qwen/Qwen3-32B --sizes 2,4 --perf-sizes 4 \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issues 3, 6 and 7 on one four-GPU machine (nvidia-h100-x4) in two calls of the device tool:
+# Issues 3, 6 and 7 on one four-GPU machine (nvidia-h100-x4), one call of the device tool each:
 #   bash cluster/benchmarks/suite_x4.sh OUT_DIR part1   # three lanes at once, below
-#   bash cluster/benchmarks/suite_x4.sh OUT_DIR part2   # DP=4, Qwen3-8B and Qwen3-32B tensor parallel
+#   bash cluster/benchmarks/suite_x4.sh OUT_DIR part2   # DP=1 and DP=4 (efficiency in one run), Qwen3-8B TP
+#   bash cluster/benchmarks/suite_x4.sh OUT_DIR part3   # Qwen3-32B tensor parallel
 #   bash cluster/benchmarks/suite_x4.sh OUT_DIR check   # one call: graph tests and latency on GPU 0
 #       beside, one Ray run at a time: TP=2 equality (GPUs 2-3), in-process then Ray throughput on
 #       GPU 1 back to back and Ray latency (issue 3 item 7), then DP=2 and DP=4 on all four
@@ -11,10 +12,10 @@
 # Only lane 3 starts Ray, so no two Ray instances share the host. Everything is packed into
 # OUT_DIR/runs.tgz, as the device tool returns at most 8 files.
 set -u
-out=${1:?usage: suite_x4.sh OUT_DIR part1|part2}
+out=${1:?usage: suite_x4.sh OUT_DIR part1|part2|part3|check}
 work=/tmp/suite_runs
 s=cluster/benchmarks/suite.sh
-case ${2:?part1 or part2} in
+case ${2:?part1, part2, part3 or check} in
   part1)
     CUDA_VISIBLE_DEVICES=0 bash $s $work/gpu0 graphtests attention hf_batch >$work.gpu0.txt 2>&1 &
     CUDA_VISIBLE_DEVICES=1 bash $s $work/gpu1 throughput latency prefix prefill_profile hf_generate \
@@ -22,7 +23,8 @@ case ${2:?part1 or part2} in
     CUDA_VISIBLE_DEVICES=2,3 bash $s $work/gpu23 ray dp12 tp2eq >$work.gpu23.txt 2>&1 &
     wait
     cat $work.gpu0.txt $work.gpu1.txt $work.gpu23.txt ;;
-  part2) bash $s $work/gpu0123 dp4 tp8b tp32b ;;
+  part2) bash $s $work/gpu0123 dp14 tp8b ;;  # s4-call6: dp4 alone 77 s; each TP model ~3 min or more
+  part3) bash $s $work/gpu0123 tp32b ;;
   check)
     CUDA_VISIBLE_DEVICES=0 bash $s $work/check0 graphtests latency >$work.check0.txt 2>&1 &
     lane0=$!

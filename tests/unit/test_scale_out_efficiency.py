@@ -1,0 +1,27 @@
+"""scale_out dp's efficiency: against DP=1 of the same run, or a given DP=1 figure, never itself."""
+import json
+
+from cluster.benchmarks import scale_out
+
+
+def _run(monkeypatch, tmp_path, argv, per_replica):
+    def fake_offline(args, bench, *extra):
+        dp = int(extra[extra.index("--data-parallel-size") + 1])
+        return [{"bench": bench, "dp": dp, "output_tok_per_s": dp * per_replica[dp]}]
+
+    monkeypatch.setattr(scale_out, "_offline", fake_offline)
+    scale_out.main(["dp", "--out", str(tmp_path), *argv])
+    return [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+
+
+def test_efficiency_against_dp1_of_the_same_run(monkeypatch, tmp_path):
+    rows = _run(monkeypatch, tmp_path, ["--sizes", "1,2,4"], {1: 1000.0, 2: 900.0, 4: 600.0})
+    assert [(r["dp"], round(r["efficiency"], 3), r["dp1_from"]) for r in rows] == [
+        (1, 1.0, "this run"), (2, 0.9, "this run"), (4, 0.6, "this run")]
+
+
+def test_a_lone_size_reports_no_efficiency_unless_dp1_is_given(monkeypatch, tmp_path):
+    alone = _run(monkeypatch, tmp_path / "alone", ["--sizes", "4"], {4: 600.0})
+    assert alone[0]["efficiency"] is None and alone[0]["dp1_from"] is None
+    given = _run(monkeypatch, tmp_path / "given", ["--sizes", "4", "--dp1-tok-per-s", "1200"], {4: 600.0})
+    assert given[0]["efficiency"] == 0.5 and given[0]["dp1_from"] == "--dp1-tok-per-s"
