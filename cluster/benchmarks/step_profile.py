@@ -101,7 +101,8 @@ def main(argv=None) -> None:
     from cluster.llm import LLM
 
     llm = LLM(args.model, load_format="dummy", max_model_len=max(2048, args.cached_prefix + args.prefill + 16),
-              max_num_seqs=max(args.batch, 8), enforce_eager=args.enforce_eager, enable_prefix_caching=args.cached_prefix > 0)
+              max_num_seqs=max(args.batch, 8), enforce_eager=args.enforce_eager,
+              enable_prefix_caching=args.cached_prefix > 0)
     runner = llm.engine.worker.runner
     print(f"backend={runner.attn_backend.name} graphs={runner.decode_graphs is not None} dtype={runner.dtype}")
     (profile_prefill if args.prefill else profile_decode)(llm, args)
