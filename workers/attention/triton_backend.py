@@ -111,11 +111,11 @@ class TritonBackend:
             return kernels.paged_decode_attention(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
                 order=metadata.decode_order if self.longest_first else None)
-        group = query.shape[1] // kv_cache.shape[3]
+        num_kv_heads = kv_cache.shape[3]
+        group = query.shape[1] // num_kv_heads
         if metadata.prefill_tile_map is None:  # once per forward: every layer has the same tiles
             metadata.prefill_tile_map = kernels.prefill_tile_map(
                 metadata.query_start_loc, query.shape[0], kernels.prefill_tokens_per_tile(group))
-        num_kv_heads = kv_cache.shape[3]
         num_splits = self.num_prefill_splits(query.shape[0], num_kv_heads, group, metadata.max_seq_len)
         return kernels.paged_prefill_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale,

@@ -322,6 +322,29 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         BLOCK_SIZE=kv_cache.shape[2], num_warps=4)
 
 
+def _split_partials(out: torch.Tensor, num_splits: int):
+    """(part_out [rows, H, splits, D], part_lse [rows, H, splits], their strides) in float32 for
+    the split kernels and their merge; with one split, placeholders the kernels never touch."""
+    if num_splits == 1:
+        return out, out, (0, 0, 0, 0, 0)
+    rows, num_heads, head_dim = out.shape
+    part_out = torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=out.device)
+    part_lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=out.device)
+    return part_out, part_lse, (part_out.stride(0), part_out.stride(1), part_out.stride(2),
+                                part_lse.stride(0), part_lse.stride(1))
+
+
+def _merge_splits_into(out, part_out, part_lse, part_strides, num_splits: int,
+                       num_rows: torch.Tensor | None = None) -> None:
+    """out[row, head] from its splits' partials; num_rows (a 1-element device tensor) leaves the
+    rows from it on unwritten (a CUDA graph's padding tokens, which no split wrote)."""
+    rows, num_heads, head_dim = out.shape
+    _reduce_splits_kernel[(rows, num_heads)](
+        part_out, part_lse, out, num_splits, num_rows if num_rows is not None else part_lse, *part_strides,
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_S=triton.next_power_of_2(num_splits), ROW_LIMIT=num_rows is not None, num_warps=4)
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [S, Hq, D], one token per sequence
     kv_cache: torch.Tensor,
@@ -356,16 +379,7 @@ def paged_decode_attention(
     assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
     block_d = triton.next_power_of_2(head_dim)
     one_split = num_splits == 1
-    if one_split:
-        part_out, part_lse = out, out  # unused
-        part_strides = (0, 0, 0, 0, 0)
-    else:
-        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
-                               device=query.device)
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
-                               device=query.device)
-        part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2),
-                        part_lse.stride(0), part_lse.stride(1))
+    part_out, part_lse, part_strides = _split_partials(out, num_splits)
     fused_merge = fused_merge and not one_split
     if fused_merge and counters is None:
         counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=query.device)
@@ -383,10 +397,7 @@ def paged_decode_attention(
         DOT_PREC=_dot_precision(query.dtype), ORDERED=order is not None, num_warps=num_warps,
         num_stages=num_stages)
     if not one_split and not fused_merge:
-        _reduce_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits, seq_lens, *part_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            ROW_LIMIT=False, num_warps=4)
+        _merge_splits_into(out, part_out, part_lse, part_strides, num_splits)
     return out
 
 
@@ -456,15 +467,7 @@ def paged_prefill_attention(
         query_start_loc, num_tokens, prefill_tokens_per_tile(group, block_m))
     num_seqs = seq_lens.shape[0]
     one_split = num_splits == 1
-    if one_split:
-        part_out, part_lse, part_strides = out, out, (0, 0, 0, 0, 0)  # unused
-    else:
-        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
-                               device=query.device)
-        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
-        part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2),
-                        part_lse.stride(0), part_lse.stride(1))
-    block_d = triton.next_power_of_2(head_dim)
+    part_out, part_lse, part_strides = _split_partials(out, num_splits)
     slots = tile_seq.shape[0]
     programs = slots if one_split else min(slots * num_splits, split_programs or slots * num_splits)
     _prefill_kernel[(num_kv_heads, programs)](
@@ -472,13 +475,10 @@ def paged_prefill_attention(
         part_out, part_lse, num_seqs, num_splits, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), *part_strides,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, ONE_SPLIT=one_split,
         DOT_PREC=_dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
     if not one_split:
         # tokens past query_start_loc[S] are padding; the merge leaves their rows unwritten
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            part_out, part_lse, out, num_splits, query_start_loc[num_seqs:], *part_strides,
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits), ROW_LIMIT=True, num_warps=4)
+        _merge_splits_into(out, part_out, part_lse, part_strides, num_splits, query_start_loc[num_seqs:])
     return out
