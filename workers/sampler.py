@@ -53,16 +53,21 @@ def row_seed(seed: int, sibling_index: int, position: int) -> int:
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling controls of one step, on the device, plus host flags to skip work."""
+    """Per-row sampling controls of one step, on the device, plus host flags to skip work.
 
-    temperature: torch.Tensor  # [N] float32; 1.0 on greedy rows so the division is a no-op
-    top_k: torch.Tensor  # [N] int64 in [1, V]; V where off
-    top_p: torch.Tensor  # [N] float32; 1.0 where off
-    min_p: torch.Tensor  # [N] float32; 0.0 where off
-    repetition_penalty: torch.Tensor  # [N] float32
-    presence_penalty: torch.Tensor  # [N] float32
-    frequency_penalty: torch.Tensor  # [N] float32
-    is_greedy: torch.Tensor  # [N] bool
+    When argmax_only (every row greedy, no min_tokens, penalties or logprobs: the common batch of
+    a benchmark or an eval) the per-row tensors below are None: the step needs only the argmax,
+    so it copies nothing to the device for them.
+    """
+
+    temperature: torch.Tensor | None  # [N] float32; 1.0 on greedy rows so the division is a no-op
+    top_k: torch.Tensor | None  # [N] int64 in [1, V]; V where off
+    top_p: torch.Tensor | None  # [N] float32; 1.0 where off
+    min_p: torch.Tensor | None  # [N] float32; 0.0 where off
+    repetition_penalty: torch.Tensor | None  # [N] float32
+    presence_penalty: torch.Tensor | None  # [N] float32
+    frequency_penalty: torch.Tensor | None  # [N] float32
+    is_greedy: torch.Tensor | None  # [N] bool
     # token histories padded with vocab_size (a spare count column), only for rows with penalties
     prompt_token_ids: torch.Tensor | None  # [N, Lp] int64; None unless a row has repetition_penalty
     output_token_ids: torch.Tensor | None  # [N, Lo] int64; None unless a row has a penalty
@@ -71,6 +76,7 @@ class SamplingTensors:
     num_logprobs: list[int | None]  # [N] SamplingParams.logprobs
     logprob_rows: list[int]  # rows with num_logprobs set
     logprob_rows_t: torch.Tensor | None  # [R] int64 on device; None when every row asks
+    argmax_only: bool
     all_greedy: bool
     all_random: bool
     needs_top_k: bool
@@ -126,14 +132,15 @@ class SamplingTensors:
                 a[r, :len(seqs[r])] = seqs[r]
             return to_device(a)
 
-        f = to_device(floats)
-        k = to_device(ints)
         random_rows = [i for i in range(n) if not ints[1, i]]
         logprob_rows = [i for i, x in enumerate(num_logprobs) if x is not None]
+        argmax_only = not random_rows and not mask_flat and not pen_rows and not logprob_rows
+        f = [None] * len(floats) if argmax_only else to_device(floats)
+        k = [None] * len(ints) if argmax_only else to_device(ints)
         return cls(
             temperature=f[0], top_p=f[1], min_p=f[2],
             repetition_penalty=f[3], presence_penalty=f[4], frequency_penalty=f[5],
-            top_k=k[0], is_greedy=k[1].bool(),
+            top_k=k[0], is_greedy=None if argmax_only else k[1].bool(),
             prompt_token_ids=padded(rep_rows, [s.prompt_token_ids for s in states]) if rep_rows else None,
             output_token_ids=padded(pen_rows, [s.output_token_ids for s in states]) if pen_rows else None,
             min_tokens_mask=to_device(np.array(mask_flat, dtype=np.int64)) if mask_flat else None,
@@ -142,6 +149,7 @@ class SamplingTensors:
             logprob_rows=logprob_rows,
             logprob_rows_t=(None if len(logprob_rows) in (0, n)
                             else to_device(np.array(logprob_rows, dtype=np.int64))),
+            argmax_only=argmax_only,
             all_greedy=not random_rows,
             all_random=len(random_rows) == n,
             needs_top_k=max_top_k > 0,
@@ -170,7 +178,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         """logits: [N, V] in the model's dtype, left unchanged."""
-        if t.all_greedy and t.min_tokens_mask is None and t.output_token_ids is None and not t.logprob_rows:
+        if t.argmax_only:
             # float32 widening is exact and argmax takes the first of equal maxima in either dtype,
             # so this is the float32 argmax, without the copy
             return SamplerOutput(logits.argmax(dim=-1), None)
