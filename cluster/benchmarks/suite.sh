@@ -5,6 +5,7 @@
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
 # Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
 #   attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+#   serve (a `folovllm serve` on this GPU and `folovllm bench serve` against it, issue 6 item 4f)
 # Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
 set -u
@@ -48,6 +49,21 @@ for stage in "$@"; do
     ray)
       run ray_throughput 100 $offline throughput --use-ray --out "$out"
       run ray_latency 150 $offline latency --use-ray --batches 32 --out "$out" ;;  # start-up alone ~60 s
+    serve)
+      # the server starts Ray and captures its graphs first: wait for its status to answer
+      python -m cluster.cli serve --model ${SERVE_MODEL:-Qwen/Qwen3-0.6B} --load-format dummy --max-model-len 4096 \
+        --max-num-seqs 256 --max-num-batched-tokens 16384 --port 50051 >"$out/serve_server.log" 2>&1 &
+      server=$!
+      for _ in $(seq 60); do
+        python -m cluster.cli status --server 127.0.0.1:50051 >/dev/null 2>&1 && break
+        kill -0 $server 2>/dev/null || break
+        sleep 3
+      done
+      run serve 200 python -m cluster.cli bench serve --server 127.0.0.1:50051 \
+        --request-rates ${SERVE_RATES:-4,16,32,64,inf} --num-prompts 200 --input-len 1024 --output-len 128 \
+        --goodput ttft:2000 tpot:100 --label "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+        --out "$out"
+      kill $server; wait $server ;;
     dp12) run dp12 200 $scale dp --sizes 1,2 --out "$out" ;;
     dp2) run dp2 130 $scale dp --sizes 2 --out "$out" ;;  # no efficiency: divide by the ray stage's DP=1
     tp2eq) run tp2eq 140 $scale tp --sizes 1,2 --equality-only $tp_flags --out "$out" ;;
