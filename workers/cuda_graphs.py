@@ -16,6 +16,7 @@ import torch
 
 from workers.attention.base import AttentionMetadata
 from workers.input_batch import StepInputs
+from workers.pinned_staging import PinnedStaging
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -27,16 +28,11 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-def _put(buffer: torch.Tensor, array) -> None:
-    # from pinned memory: an asynchronous copy that does not wait for the step in flight
-    host = torch.from_numpy(array)
-    buffer.copy_(host.pin_memory() if buffer.is_cuda else host, non_blocking=True)
-
-
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, staging: PinnedStaging):
         self.model = model
+        self.staging = staging  # the step's inputs reach the static buffers through it
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
@@ -80,13 +76,14 @@ class DecodeGraphs:
         n = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= n)
         width = inputs.block_tables.shape[1]
-        _put(self.input_ids[:n], inputs.input_ids)
-        _put(self.positions[:n], inputs.positions)
-        _put(self.slot_mapping[:n], inputs.slot_mapping)
+        put = self.staging.put
+        put(self.input_ids[:n], inputs.input_ids)
+        put(self.positions[:n], inputs.positions)
+        put(self.slot_mapping[:n], inputs.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)
-        _put(self.seq_lens[:n], inputs.seq_lens)
+        put(self.seq_lens[:n], inputs.seq_lens)
         self.seq_lens[n:bs].fill_(0)
-        _put(self.block_tables[:n, :width], inputs.block_tables)
+        put(self.block_tables[:n, :width], inputs.block_tables)
         if fill is not None:
             fill(self.input_ids)
         self.graphs[bs].replay()
@@ -112,8 +109,9 @@ class PrefillGraphs:
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, block_size: int, device: torch.device):
+                 max_model_len: int, block_size: int, device: torch.device, staging: PinnedStaging):
         self.model = model
+        self.staging = staging
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
         self.sizes = prefill_token_sizes(max_num_batched_tokens)
@@ -162,15 +160,16 @@ class PrefillGraphs:
         """hidden states [T, H] of the step's tokens; fill(input_ids) as ModelRunner._forward."""
         n, s = len(inputs.input_ids), len(inputs.req_ids)
         t = next(size for size in self.sizes if size >= n)
-        _put(self.input_ids[:n], inputs.input_ids)
-        _put(self.positions[:n], inputs.positions)
-        _put(self.slot_mapping[:n], inputs.slot_mapping)
+        put = self.staging.put
+        put(self.input_ids[:n], inputs.input_ids)
+        put(self.positions[:n], inputs.positions)
+        put(self.slot_mapping[:n], inputs.slot_mapping)
         self.slot_mapping[n:t].fill_(-1)
-        _put(self.query_start_loc[:s + 1], inputs.query_start_loc)
+        put(self.query_start_loc[:s + 1], inputs.query_start_loc)
         self.query_start_loc[s + 1:].fill_(n)
-        _put(self.seq_lens[:s], inputs.seq_lens)
+        put(self.seq_lens[:s], inputs.seq_lens)
         self.seq_lens[s:].fill_(0)
-        _put(self.block_tables[:s, :inputs.block_tables.shape[1]], inputs.block_tables)
+        put(self.block_tables[:s, :inputs.block_tables.shape[1]], inputs.block_tables)
         if fill is not None:
             fill(self.input_ids)
         self.graphs[t].replay()

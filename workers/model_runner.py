@@ -1,6 +1,7 @@
 """ModelRunner: one step = update the persistent batch, prepare inputs, forward, sample."""
 import itertools
 
+import numpy as np
 import torch
 
 from scheduler.config import CacheConfig, SchedulerConfig
@@ -13,6 +14,7 @@ from scheduler.sampling_params import SamplingParams
 from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
 from workers.parallel import TensorParallelGroup
+from workers.pinned_staging import PinnedStaging, step_input_bytes
 from workers.sampler import Sampler, SamplingTensors
 from workers.weight_loader import load_model, resolve_dtype
 
@@ -38,6 +40,7 @@ class ModelRunner:
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.staging: PinnedStaging | None = None  # the step inputs' host memory, pinned on CUDA
         self._inflight: StepHandle | None = None  # the last launched step, until collected
 
     def load_model(self) -> None:
@@ -49,16 +52,18 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, self.cache_config.block_size,
                                             self.dtype, self.device, self.parallel.tp_size)
+        sched, block_size = self.scheduler_config, self.cache_config.block_size
+        self.staging = PinnedStaging(step_input_bytes(sched.max_num_batched_tokens, sched.max_num_seqs,
+                                                      -(-self.max_model_len // block_size)), self.device)
         # graphs need kernels that read only device tensors and host ints fixed at capture
         if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
-            sched, block_size = self.scheduler_config, self.cache_config.block_size
             pool = torch.cuda.graph_pool_handle()  # one memory pool: only one graph runs at a time
             self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, sched.max_num_seqs,
                                                 sched.max_num_batched_tokens, self.max_model_len, block_size,
-                                                self.device)
+                                                self.device, self.staging)
             self.prefill_graphs.capture(pool)
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
-                                              self.max_model_len, block_size, self.device)
+                                              self.max_model_len, block_size, self.device, self.staging)
             self.decode_graphs.capture(pool)
         if self.device.type == "cuda":
             self._warm_logits(self.scheduler_config.max_num_seqs)
@@ -126,11 +131,14 @@ class ModelRunner:
         if step.total_num_scheduled_tokens == 0:
             return StepHandle.ready(ModelRunnerOutput([], [], []))
         inputs = self.batch.prepare(step)
+        self.staging.begin_step()
         fill = None
         if inputs.pending_inputs:
             assert prev is not None and not prev.collected, "a pending input token with no step in flight"
-            fill = prev.token_source([r for _, r in inputs.pending_inputs], [i for i, _ in inputs.pending_inputs])
+            fill = prev.token_source([r for _, r in inputs.pending_inputs], [i for i, _ in inputs.pending_inputs],
+                                     self._to_device)
         logits = self._forward(inputs, fill)
+        self.staging.end_step()
         states = [self.batch.requests[r] for r in inputs.sampling_req_ids]
         token_ids, logprobs = self._sample(logits, states)
         handle = StepHandle(self, inputs, states, token_ids, logprobs)
@@ -138,7 +146,7 @@ class ModelRunner:
         return handle
 
     def _to_device(self, a) -> torch.Tensor:
-        return _host_to(torch.from_numpy(a), self.device)
+        return self.staging.to_device(a)
 
     def _forward(self, inputs: StepInputs, fill=None) -> torch.Tensor:
         """fill(input_ids on the device) copies in the input tokens still on the device."""
@@ -178,11 +186,6 @@ class ModelRunner:
         return out.token_ids, logprobs
 
 
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # through pinned memory the copy is truly asynchronous: it never waits for the step in flight
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-
-
 def _needs_history(state: CachedRequestState) -> bool:
     """Sampling that reads the sequence's outputs, which a token in flight would leave short."""
     if not state.num_pending:
@@ -220,10 +223,10 @@ class StepHandle:
     def collected(self) -> bool:
         return self._output is not None
 
-    def token_source(self, req_ids: list[str], positions: list[int]):
-        """fill(input_ids): input_ids[positions] = this step's tokens of req_ids, on the device."""
-        device = self.token_ids.device
-        rows, index = (_host_to(torch.tensor(v), device) for v in ([self.row_of[r] for r in req_ids], positions))
+    def token_source(self, req_ids: list[str], positions: list[int], to_device):
+        """fill(input_ids): input_ids[positions] = this step's tokens of req_ids, on the device.
+        to_device(int64 array) copies the indices there (ModelRunner._to_device)."""
+        rows, index = (to_device(np.asarray(v, dtype=np.int64)) for v in ([self.row_of[r] for r in req_ids], positions))
         return lambda input_ids: input_ids.index_copy_(0, index, self.token_ids.index_select(0, rows))
 
     def result(self) -> ModelRunnerOutput:

@@ -22,6 +22,7 @@ from workers.cuda_graphs import PrefillGraphs  # noqa: E402
 from workers.input_batch import StepInputs  # noqa: E402
 from workers.kv_cache import allocate_kv_caches  # noqa: E402
 from workers.model_configs import resolve_model  # noqa: E402
+from workers.pinned_staging import PinnedStaging, step_input_bytes  # noqa: E402
 from workers.weight_loader import load_model  # noqa: E402
 
 pytestmark = [pytest.mark.gpu]
@@ -74,6 +75,10 @@ def _step(rng: np.random.Generator, context_lens: list[int], query_lens: list[in
                       block_tables, (query_start_loc[1:] - 1).astype(np.int64), req_ids, [])
 
 
+def _staging(max_tokens: int, max_seqs: int) -> PinnedStaging:
+    return PinnedStaging(step_input_bytes(max_tokens, max_seqs, MAX_MODEL_LEN // BLOCK_SIZE), torch.device(DEVICE))
+
+
 def _eager(model, step: StepInputs, kv_caches) -> torch.Tensor:
     def dev(a):
         return torch.from_numpy(a).to(DEVICE)
@@ -93,7 +98,8 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
         cache.normal_()
     kv_graph = [c.clone() for c in kv_eager]
     graphs = PrefillGraphs(model, kv_graph, max_num_seqs=32, max_num_batched_tokens=256,
-                           max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE))
+                           max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE),
+                           staging=_staging(256, 32))
     assert graphs.sizes == [16, 32, 64, 128, 256] and graphs.max_seqs == 32
     if DEVICE == "cuda":
         graphs.capture()
@@ -112,7 +118,9 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
         step = _step(rng, ctx, q)
         assert graphs.can_run(step)
         before = graphs.replays
+        graphs.staging.begin_step()
         hidden = graphs.run(step).clone()
+        graphs.staging.end_step()
         assert graphs.replays == before + 1
         expected = _eager(model, step, kv_eager)
         torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
@@ -123,7 +131,8 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
 def test_prefill_graphs_refuse_what_they_cannot_hold(model_and_config):
     model, hf_config = model_and_config
     graphs = PrefillGraphs(model, [], max_num_seqs=32, max_num_batched_tokens=100,
-                           max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE))
+                           max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE),
+                           staging=_staging(100, 32))
     assert graphs.sizes == [16, 32, 64, 100], "the step budget itself is the largest graph"
     rng = np.random.default_rng(1)
     assert graphs.can_run(_step(rng, [0, 0], [30, 70]))

@@ -197,7 +197,8 @@ def test_async_scheduling_feeds_tokens_on_the_device_and_changes_nothing(tiny_mo
 
     fills = []
     token_source = StepHandle.token_source
-    monkeypatch.setattr(StepHandle, "token_source", lambda self, r, p: fills.append(len(r)) or token_source(self, r, p))
+    monkeypatch.setattr(StepHandle, "token_source",
+                        lambda self, r, p, to_device: fills.append(len(r)) or token_source(self, r, p, to_device))
     llm = make_llm(tiny_model_dir, async_scheduling=True)
     assert token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == hf_reference
     assert sum(fills) > 0, "decodes should take their input token from the step still in flight"

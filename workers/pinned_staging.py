@@ -1,0 +1,78 @@
+"""A step's host-to-device input copies through pinned memory allocated once.
+
+A copy from pageable memory waits for the device; one from pinned memory does not. Pinning each
+array as it went (Tensor.pin_memory()) cost ~19 us a copy on an H100 host, nine copies a step:
+~0.17 ms of a warm prefix hit's time to first token (s5 profile). Here a step's arrays are
+written into one pinned arena and copied from there.
+
+Off CUDA the arenas are plain memory and each copy completes at once (the CPU engine and the
+Triton interpreter tests take the same path).
+
+Two arenas alternate between steps. A step rewrites its arena only once the copies that last
+read it have run (an event recorded after them): with two steps in flight that step was
+collected before this one was prepared, so the wait is normally already over.
+"""
+import numpy as np
+import torch
+
+_ALIGN = 64  # bytes: every array starts aligned for its dtype's view
+
+
+class PinnedStaging:
+    def __init__(self, num_bytes: int, device: torch.device):
+        self.num_bytes = num_bytes
+        self.device = device
+        self._pinned = device.type == "cuda"
+        self._arenas = [torch.empty(num_bytes, dtype=torch.uint8, pin_memory=self._pinned) for _ in range(2)]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._current = 0
+        self._offset = 0
+
+    def begin_step(self) -> None:
+        """Switch to the other arena, once the copies that last read it have run."""
+        self._current ^= 1
+        event = self._events[self._current]
+        if event is not None:
+            event.synchronize()
+        self._offset = 0
+
+    def end_step(self) -> None:
+        """Mark the arena's copies: call after the step's last put, on the stream that ran them."""
+        if not self._pinned:
+            return
+        event = self._events[self._current] or torch.cuda.Event()
+        event.record()
+        self._events[self._current] = event
+
+    def put(self, dst: torch.Tensor, array: np.ndarray) -> None:
+        """dst.copy_(array) without waiting for the device; dst has array's shape and dtype."""
+        if _TORCH_DTYPES.get(array.dtype) is not dst.dtype or tuple(dst.shape) != array.shape:
+            raise TypeError(f"staging a {array.dtype} array of shape {array.shape} into a {dst.dtype} "
+                            f"tensor of shape {tuple(dst.shape)}: dtypes and shapes must match")
+        start = -(-self._offset // _ALIGN) * _ALIGN
+        end = start + array.nbytes
+        if end > self.num_bytes:  # larger than any step was sized for: pin this one alone
+            host = torch.from_numpy(np.ascontiguousarray(array))
+            dst.copy_(host.pin_memory() if self._pinned else host, non_blocking=True)
+            return
+        self._offset = end
+        staged = self._arenas[self._current][start:end].view(dst.dtype).view(array.shape)
+        np.copyto(staged.numpy(), array)
+        dst.copy_(staged, non_blocking=True)
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        out = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], device=self.device)
+        self.put(out, array)
+        return out
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+                 np.dtype(np.float32): torch.float32}
+
+
+def step_input_bytes(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
+    """An arena that holds every array of the largest step: three int64 per token (ids, positions,
+    slots), the int32 block tables, sequence lengths and query starts, int64 logits indices."""
+    arrays = [8 * max_tokens] * 3 + [4 * max_seqs * max_blocks_per_seq, 4 * max_seqs, 4 * (max_seqs + 1),
+                                     8 * max_seqs]
+    return sum(-(-n // _ALIGN) * _ALIGN for n in arrays) + _ALIGN
