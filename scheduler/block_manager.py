@@ -20,6 +20,17 @@ def hash_block(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
     return hashlib.blake2b((parent_hash or b"") + data, digest_size=16).digest()
 
 
+def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int) -> list[bytes]:
+    """hash_block over consecutive full blocks, chained from parent_hash. The ids are packed once
+    and sliced as bytes: a 2k-token prompt's 128 hashes take ~0.1 ms instead of ~0.15."""
+    data, width = array("q", token_ids).tobytes(), 8 * block_size
+    hashes = []
+    for start in range(0, len(data) - width + 1, width):
+        parent_hash = hashlib.blake2b((parent_hash or b"") + data[start:start + width], digest_size=16).digest()
+        hashes.append(parent_hash)
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
@@ -52,13 +63,13 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache ---------------------------------------------------------------------
-    def _seq_block_hash(self, seq: Sequence, i: int) -> bytes:
-        # A full block's tokens never change, so its hash is computed once per sequence.
+    def _seq_block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The hashes of seq's first num_blocks full blocks (at least). A full block's tokens never
+        change, so each is computed once per sequence, the missing ones in one pass."""
         hashes, bs = seq.block_hashes, self.block_size
-        while len(hashes) <= i:
-            j = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_slice(j * bs, (j + 1) * bs)))
-        return hashes[i]
+        if len(hashes) < num_blocks:
+            hashes += hash_blocks(hashes[-1] if hashes else None, seq.token_slice(len(hashes) * bs, num_blocks * bs), bs)
+        return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks; no state changes.
@@ -68,9 +79,9 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        blocks = []
-        for i in range((seq.num_tokens - 1) // self.block_size):
-            block_id = self.cached_blocks.get(self._seq_block_hash(seq, i))
+        blocks, cached = [], self.cached_blocks
+        for block_hash in self._seq_block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block_id = cached.get(block_hash)
             if block_id is None:
                 break
             blocks.append(block_id)
@@ -80,6 +91,7 @@ class BlockManager:
         """Tokens of this prompt the cache would serve now; touches neither LRU order nor stats."""
         if not self.enable_prefix_caching:
             return 0
+        # block by block: the walk stops at the first miss, which for most prompts is the first block
         bs, parent, num_hit = self.block_size, None, 0
         for i in range((len(token_ids) - 1) // bs):
             parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
@@ -95,8 +107,9 @@ class BlockManager:
         # blocks whose tokens are all known: KV computed past num_tokens is for pending samples
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         start = self._num_hashed_blocks.get(seq.seq_id, 0)
+        hashes = self._seq_block_hashes(seq, num_full) if num_full > start else ()
         for i in range(start, num_full):
-            block_hash, block_id = self._seq_block_hash(seq, i), seq.block_ids[i]
+            block_hash, block_id = hashes[i], seq.block_ids[i]
             # an equal block computed twice (two requests prefilling the same prefix at once)
             # stays uncached: the first copy is the one others find
             if block_hash not in self.cached_blocks and self.block_hash[block_id] is None:

@@ -1,6 +1,8 @@
 """The token-id check every entry point makes before a prompt reaches a scheduler."""
 from array import array
 
+import numpy as np
+
 from scheduler.errors import InvalidRequestError
 
 
@@ -8,14 +10,17 @@ def check_token_ids(token_ids, vocab_size: int, field: str = "prompt_token_ids")
     """The ids as a list, or InvalidRequestError unless each is an integer in [0, vocab_size).
 
     A per-token Python check cost ~1 us a token, 0.1 s for the 144k prompt tokens of the offline
-    benchmark while the device waited; array() and min/max check at C speed.
+    benchmark while the device waited; array() and min/max check at C speed. The min/max run on
+    the array's buffer through numpy: builtin min/max made a Python int of every id, 90 of the
+    140 us a 2k-token prompt spent here before its first token.
     """
     try:
         packed = array("q", token_ids)
     except (TypeError, OverflowError):
         raise InvalidRequestError(field, f"must be integer token ids in [0, {vocab_size})") from None
     if packed:
-        low, high = min(packed), max(packed)
+        values = np.frombuffer(packed, dtype=np.int64)
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise InvalidRequestError(field, f"must be token ids in [0, {vocab_size}), got {bad}")

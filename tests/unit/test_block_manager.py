@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.block_manager import BlockManager, hash_block
+from scheduler.block_manager import BlockManager, hash_block, hash_blocks
 from scheduler.request import Request, Sequence
 from scheduler.sampling_params import SamplingParams
 
@@ -115,6 +115,17 @@ def test_hash_is_deterministic_across_processes():
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.stdout.strip() == hash_block(hash_block(None, [1, 2]), [3, 4]).hex()
     assert hash_block(None, [1, 2]) != hash_block(None, [2, 1]) != hash_block(None, [1, 2, 0])
+
+
+def test_hash_blocks_is_the_chain_of_hash_block():
+    ids = [(37 * i) % 1000 for i in range(23)]
+    chain, parent = [], None
+    for start in (0, 4, 8, 12, 16):
+        parent = hash_block(parent, ids[start:start + 4])
+        chain.append(parent)
+    assert hash_blocks(None, ids[:20], 4) == chain
+    assert hash_blocks(None, ids, 4) == chain, "a partial last block has no hash"
+    assert hash_blocks(chain[1], ids[8:20], 4) == chain[2:], "continues a chain from its last hash"
 
 
 def test_lru_eviction_takes_uncached_then_least_recently_freed():
