@@ -68,7 +68,8 @@ class BlockManager:
         change, so each is computed once per sequence, the missing ones in one pass."""
         hashes, bs = seq.block_hashes, self.block_size
         if len(hashes) < num_blocks:
-            hashes += hash_blocks(hashes[-1] if hashes else None, seq.token_slice(len(hashes) * bs, num_blocks * bs), bs)
+            missing = seq.token_slice(len(hashes) * bs, num_blocks * bs)
+            hashes += hash_blocks(hashes[-1] if hashes else None, missing, bs)
         return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:

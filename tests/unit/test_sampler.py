@@ -62,10 +62,13 @@ def test_flags_skip_unused_work():
     assert t.all_greedy and not t.all_random
     assert t.output_token_ids is None and t.prompt_token_ids is None and t.min_tokens_mask is None
     assert t.argmax_only and t.temperature is None and t.top_k is None  # nothing copied to the device
-    for needs_more in (SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3]),
+    # any row that needs more than the argmax brings every row's controls back
+    for needs_more in (SamplingParams(temperature=0.0, logprobs=1),
+                       SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3]),
                        SamplingParams(temperature=0.0, presence_penalty=0.5), SamplingParams()):
         t = SamplingTensors.from_states(rows(SamplingParams(temperature=0.0), 2) + rows(needs_more, 1), 50, "cpu")
-        assert not t.argmax_only and t.temperature is not None and t.is_greedy.tolist() == [True, True, needs_more.is_greedy]
+        assert not t.argmax_only and t.temperature is not None
+        assert t.is_greedy.tolist() == [True, True, needs_more.is_greedy]
     t = SamplingTensors.from_states(rows(SamplingParams(), 3), 50, "cpu")
     assert t.all_random and not (t.needs_top_k or t.needs_top_p or t.needs_min_p)
     assert t.max_num_logprobs == -1 and t.seeded_rows == []
