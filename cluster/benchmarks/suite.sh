@@ -3,8 +3,8 @@
 # stage cannot take the others' results with it. Logs and results.jsonl land in OUT_DIR; a short
 # summary is printed last. From the repository root:
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
-# Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix attention
-#   attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+# Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix
+#   phases attention attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
 #   serve (a `folovllm serve` on this GPU and `folovllm bench serve` against it, issue 6 item 4f)
 # Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
@@ -41,6 +41,7 @@ for stage in "$@"; do
     gpu_profile) run gpu_profile 120 $offline throughput --trace --gpu-profile --out "$out" ;;
     latency) run latency 60 $offline latency --out "$out" ;;
     prefix) run prefix 45 $offline prefix --out "$out" ;;
+    phases) run phases 90 python -m cluster.benchmarks.request_phases ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
     attention_mixed) run attention_mixed 150 python -m cluster.benchmarks.attention_bench --mixed --no-grid \
                        --out-dir "$out/mixed" ;;
@@ -81,6 +82,7 @@ done
 cat "$out/stages.txt"
 for log in tests attntests graphtests; do [ -f "$out/$log.log" ] && tail -n 2 "$out/$log.log"; done
 grep -h "ms_per_step\|ms_per_request" "$out"/*profile*.log 2>/dev/null
+grep -h '"bench"' "$out"/phases.log 2>/dev/null
 [ -f "$out/results.jsonl" ] && python - "$out/results.jsonl" <<'PY'
 import json, sys
 keys = ("bench", "engine", "path", "dp", "tp", "model", "batch", "output_tok_per_s", "mean_ttft_ms", "mean_tpot_ms",

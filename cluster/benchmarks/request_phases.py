@@ -1,0 +1,128 @@
+"""Where one request's time to first token goes, cold and from the prefix cache (issue 6, 4e).
+
+  python -m cluster.benchmarks.request_phases [--prefix-len 2048] [--requests 12]
+
+Each request is a fresh --prefix-len-token prefix plus 4 tokens (cold), then the same prefix plus
+4 other tokens (warm), one token each through LLM.generate, in process. The worker's methods are
+wrapped to stamp, in ms from the call to generate (medians over the requests, the first two left
+out as warm-up):
+  launch0   the scheduler is done and the worker starts the step (request checks, the prefix
+            lookup, scheduling)
+  forward0 / forward1   the forward's launch: inputs to the device, graph replay, lm_head
+  sample0 / sample1     the sampler's launch
+  wait0 / tokens        waiting for the device, and the tokens back on the host
+  total     generate returned (the outputs applied)
+Then each graph of the prefill and decode sets that the request sizes use is replayed alone after
+a sync: the host's launch time, and the device's span between events around it. On the CPU the
+wrappers still run, without the graph probe.
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+from workers import model_runner as mr
+
+_STAMPS = {}
+
+
+def _stamped(fn, before: str, after: str, once: bool = False):
+    def wrapper(*args, **kwargs):
+        if not (once and before in _STAMPS):
+            _STAMPS[before] = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if not (once and after in _STAMPS):
+            _STAMPS[after] = time.perf_counter()
+        return out
+    return wrapper
+
+
+@contextlib.contextmanager
+def _stamping():
+    """The worker's step methods stamp _STAMPS while inside; the originals come back after."""
+    wrapped = [(mr.ModelRunner, "launch", "launch0", "launch1", False),
+               (mr.ModelRunner, "_forward", "forward0", "forward1", False),
+               (mr.ModelRunner, "_sample", "sample0", "sample1", False),
+               # result() is called again once collected: the first call is the wait
+               (mr.StepHandle, "result", "wait0", "tokens", True)]
+    originals = [(cls, name, getattr(cls, name)) for cls, name, *_ in wrapped]
+    for cls, name, before, after, once in wrapped:
+        setattr(cls, name, _stamped(getattr(cls, name), before, after, once))
+    try:
+        yield
+    finally:
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _probe_graph(graph) -> dict:
+    rows = []
+    for _ in range(12):
+        _sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        graph.replay()
+        end.record()
+        t1 = time.perf_counter()
+        _sync()
+        rows.append((1e3 * (t1 - t0), start.elapsed_time(end)))
+    return {"launch_host_ms": statistics.median(r[0] for r in rows[2:]),
+            "device_span_ms": statistics.median(r[1] for r in rows[2:])}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--requests", type=int, default=12)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    args = p.parse_args(argv)
+
+    from cluster.llm import LLM
+    from scheduler.sampling_params import SamplingParams
+
+    llm = LLM(args.model, load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=256,
+              max_num_batched_tokens=16384, enable_prefix_caching=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    samples = {"cold": [], "warm": []}
+    with _stamping():
+        for k in range(args.requests):
+            prefix = [(17 * j + 13 * k) % 9000 + 1 for j in range(args.prefix_len)]
+            for name, suffix in (("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])):
+                _sync()
+                _STAMPS.clear()
+                t0 = time.perf_counter()
+                out = llm.generate([prefix + suffix], params, use_tqdm=False)[0]
+                stamps = {key: 1e3 * (t - t0) for key, t in _STAMPS.items()}
+                stamps["total"] = 1e3 * (time.perf_counter() - t0)
+                assert (out.metrics.num_cached_tokens == 0) == (name == "cold"), "the cache served the wrong one"
+                if k >= 2:
+                    samples[name].append(stamps)
+    for name, rows in samples.items():
+        medians = {key: round(statistics.median(r[key] for r in rows), 3) for key in rows[0]}
+        print(json.dumps({"bench": "request_phases", "request": name, "prefix_len": args.prefix_len, **medians}))
+    runner = llm.engine.worker.runner
+    if runner.prefill_graphs is None:
+        llm.shutdown()
+        return
+    warm_size = next(t for t in runner.prefill_graphs.sizes if t >= 4)
+    cold_size = next(t for t in runner.prefill_graphs.sizes if t >= args.prefix_len + 4)
+    for label, graphs, size in (("prefill", runner.prefill_graphs, warm_size),
+                                ("prefill", runner.prefill_graphs, cold_size),
+                                ("decode", runner.decode_graphs, 1)):
+        print(json.dumps({"bench": "graph_replay", "graphs": label, "size": size,
+                          **_probe_graph(graphs.graphs[size])}))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
