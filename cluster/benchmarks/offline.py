@@ -24,7 +24,8 @@ from cluster.benchmarks.plots import write_plots
 from cluster.benchmarks.workloads import fixed_workload, nano_vllm_workload
 
 
-def _sync() -> None:
+def sync_device() -> None:
+    """Wait for the GPU, where there is one: the timers around a request start and stop on it."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -188,11 +189,11 @@ def bench_throughput(args) -> None:
     _warm_up(llm, args)
     steps = _trace_steps(llm) if args.trace else None
     params = [_params(n) for n in work.output_lens]
-    _sync()
+    sync_device()
     with _device_profile(args.gpu_profile) as prof:
         start = time.perf_counter()
         outs = llm.generate(work.prompts, params, use_tqdm=False)
-        _sync()
+        sync_device()
         elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert num_out == sum(work.output_lens), "every request must produce exactly its output length"
@@ -218,7 +219,7 @@ def bench_hf(args) -> None:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
     for mode in args.hf_modes.split(","):
-        _sync()
+        sync_device()
         start = time.perf_counter()
         if mode == "generate_batch":
             mean_out = sum(work.output_lens) // len(work.output_lens)
@@ -227,7 +228,7 @@ def bench_hf(args) -> None:
             num_out = mean_out * len(work.prompts)
         else:
             num_out = _hf_batched_generate(model, work, args.hf_batch)
-        _sync()
+        sync_device()
         elapsed = time.perf_counter() - start
         _emit(args, {"bench": "throughput", "engine": f"hf-{mode}", "num_requests": len(work.prompts),
                      "output_tokens": num_out, "seconds": elapsed, "output_tok_per_s": num_out / elapsed})
@@ -257,10 +258,10 @@ def bench_latency(args) -> None:
     _warm_up(llm, args)
     for batch in [1] + [int(b) for b in args.batches.split(",")]:
         work = fixed_workload(batch, 128, 512, seed=batch)
-        _sync()
+        sync_device()
         start = time.perf_counter()
         outs = llm.generate(work.prompts, _params(512), use_tqdm=False)
-        _sync()
+        sync_device()
         elapsed = time.perf_counter() - start
         ttft = [o.metrics.time_to_first_token for o in outs]
         decode = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
@@ -279,10 +280,10 @@ def bench_prefix(args) -> None:
     samples = {"cold": [], "warm": []}
     for i, prefix in enumerate(prefixes):
         for name, suffix in [("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])]:
-            _sync()
+            sync_device()
             start = time.perf_counter()
             out = llm.generate([prefix + suffix], _params(1), use_tqdm=False)[0]
-            _sync()
+            sync_device()
             ms = 1e3 * (time.perf_counter() - start)
             cached = out.metrics.num_cached_tokens
             assert (cached == 0) == (name == "cold"), f"{name} request: {cached} tokens from the cache"

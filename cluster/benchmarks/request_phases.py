@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from cluster.benchmarks.offline import sync_device
 from workers import model_runner as mr
 
 _STAMPS = {}
@@ -58,22 +59,17 @@ def _stamping():
             setattr(cls, name, fn)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _probe_graph(graph) -> dict:
     rows = []
     for _ in range(12):
-        _sync()
+        sync_device()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
         graph.replay()
         end.record()
         t1 = time.perf_counter()
-        _sync()
+        sync_device()
         rows.append((1e3 * (t1 - t0), start.elapsed_time(end)))
     return {"launch_host_ms": statistics.median(r[0] for r in rows[2:]),
             "device_span_ms": statistics.median(r[1] for r in rows[2:])}
@@ -98,7 +94,7 @@ def main(argv=None) -> None:
         for k in range(args.requests):
             prefix = [(17 * j + 13 * k) % 9000 + 1 for j in range(args.prefix_len)]
             for name, suffix in (("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])):
-                _sync()
+                sync_device()
                 _STAMPS.clear()
                 t0 = time.perf_counter()
                 out = llm.generate([prefix + suffix], params, use_tqdm=False)[0]

@@ -19,10 +19,7 @@ import time
 
 import torch
 
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from cluster.benchmarks.offline import sync_device
 
 
 def _print_cprofile(prof: cProfile.Profile, top: int) -> None:
@@ -39,14 +36,14 @@ def profile_decode(llm, args) -> None:
         llm.engine.add_request([(7 * i + j) % 5000 for j in range(128)], params)
     for _ in range(10):  # prefill and a few decodes
         llm.engine.step()
-    _sync()
+    sync_device()
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
     for _ in range(args.steps):
         llm.engine.step()
     prof.disable()
-    _sync()
+    sync_device()
     per_step = (time.perf_counter() - start) / args.steps
     _print_cprofile(prof, args.top)
     print(f"batch={args.batch} ms_per_step={1e3 * per_step:.3f}")
@@ -61,7 +58,7 @@ def profile_prefill(llm, args) -> None:
                     for i in range(3 * args.steps + 3)])
     for _ in range(3):
         llm.generate([next(prompts)], params, use_tqdm=False)
-    _sync()
+    sync_device()
     start = time.perf_counter()
     for _ in range(args.steps):
         llm.generate([next(prompts)], params, use_tqdm=False)
@@ -78,7 +75,7 @@ def profile_prefill(llm, args) -> None:
     with torch.profiler.profile(activities=activities) as tprof:
         for _ in range(args.steps):
             llm.generate([next(prompts)], params, use_tqdm=False)
-        _sync()
+        sync_device()
     table = tprof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.top))
     if torch.cuda.is_available():
