@@ -91,11 +91,19 @@ class DecodeGraphs:
 
 
 def prefill_token_sizes(max_num_batched_tokens: int) -> list[int]:
-    """Powers of two from 16 to 2048, then every 2048 (padding a step by at most 2047 tokens, whose
-    GEMM rows cost real time), then the budget itself if it falls between: every step fits one."""
-    sizes = [t for t in (16, 32, 64, 128, 256, 512, 1024, 2048) if t < max_num_batched_tokens]
-    sizes += list(range(4096, max_num_batched_tokens, 2048))
-    return sizes + [max_num_batched_tokens]
+    """Graph token counts for the steps that are not decode-only, up to the step budget.
+
+    Powers of two from 4 to 256, then steps that keep a step's padding under ~1/4 of its live
+    tokens and under ~1/8 past 2k: every 128 to 1024, every 256 to 4096, every 512 to 8192,
+    every 1024 beyond, and the budget itself. Padded rows cost full GEMM time: with the old
+    ladder (every 2048 past 2048) a 2,052-token prompt ran the 4,096-token graph, twice its work.
+    The smallest sizes serve prefix-cache hits, whose few new tokens would otherwise pad to 16.
+    """
+    ladder = [4, 8, 16, 32, 64, 128, 256, 384, 512]
+    for step, top in ((128, 1024), (256, 4096), (512, 8192)):
+        ladder += list(range(ladder[-1] + step, top + 1, step))
+    ladder += list(range(ladder[-1] + 1024, max_num_batched_tokens, 1024))
+    return [t for t in ladder if t < max_num_batched_tokens] + [max_num_batched_tokens]
 
 
 class PrefillGraphs:
@@ -124,8 +132,12 @@ class PrefillGraphs:
         self.query_start_loc = torch.zeros(self.max_seqs + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(self.max_seqs, max_blocks, dtype=torch.int32, device=device)
+        # every graph writes its hidden states here: only one step's forward runs at a time and its
+        # logits are computed in stream order before the next replay, so ~40 sizes cost one buffer
+        # (a graph's own output would stay in the pool for good: ~370 MB at a 16k budget)
+        weight = next(model.parameters())
+        self.hidden = torch.empty(max_t, model.config.hidden_size, dtype=weight.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
 
     def _metadata(self, num_tokens: int) -> AttentionMetadata:
@@ -139,15 +151,19 @@ class PrefillGraphs:
     def _args(self, num_tokens: int) -> tuple:
         return self.input_ids[:num_tokens], self.positions[:num_tokens], self.kv_caches, self._metadata(num_tokens)
 
+    def forward(self, num_tokens: int) -> None:
+        """The model over the first num_tokens of the buffers, into self.hidden (what a graph holds)."""
+        self.model(*self._args(num_tokens), out=self.hidden[:num_tokens])
+
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            self.model(*self._args(t))  # every sequence empty and every slot -1: reads and writes no KV
+            self.forward(t)  # every sequence empty and every slot -1: reads and writes no KV
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[t] = self.model(*self._args(t))
+                self.forward(t)
             self.graphs[t] = graph
         torch.cuda.synchronize()
 
@@ -174,4 +190,4 @@ class PrefillGraphs:
             fill(self.input_ids)
         self.graphs[t].replay()
         self.replays += 1
-        return self.outputs[t][:n]
+        return self.hidden[:n]

@@ -108,7 +108,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:  # [T] -> [T, H]
+                attn_metadata: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:  # [T] -> [T, H]
         x, residual = self.embed_tokens(input_ids), None
         # a fresh copy per forward: what the first layer's backend derives from seq_lens (the decode
         # order, the prefill tiles) is shared by this forward's layers, never reused by a later forward or a CUDA graph
@@ -116,7 +116,7 @@ class Qwen3Model(nn.Module):
         attn_metadata = dataclasses.replace(attn_metadata, decode_order=None, prefill_tile_map=None)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, kv_cache, attn_metadata, residual)
-        return self.norm.forward_with_residual(x, residual)[0]
+        return self.norm.forward_with_residual(x, residual, out=out)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -134,9 +134,10 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids/positions [T] of one flat step -> hidden states [T, H] after the final norm."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+                attn_metadata: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/positions [T] of one flat step -> hidden states [T, H] after the final norm,
+        written into out [T, H] when given (CUDA graphs of many sizes share one output buffer)."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata, out=out)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (usually one row per sequence) -> logits [N, vocab] in the model's dtype, on

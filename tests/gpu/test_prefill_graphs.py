@@ -39,8 +39,7 @@ class _EagerReplay:
         self.graphs, self.num_tokens = graphs, num_tokens
 
     def replay(self) -> None:
-        g = self.graphs
-        g.outputs[self.num_tokens] = g.model(*g._args(self.num_tokens))
+        self.graphs.forward(self.num_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
     graphs = PrefillGraphs(model, kv_graph, max_num_seqs=32, max_num_batched_tokens=256,
                            max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE),
                            staging=_staging(256, 32))
-    assert graphs.sizes == [16, 32, 64, 128, 256] and graphs.max_seqs == 32
+    assert graphs.sizes == [4, 8, 16, 32, 64, 128, 256] and graphs.max_seqs == 32
     if DEVICE == "cuda":
         graphs.capture()
     else:
@@ -133,7 +132,7 @@ def test_prefill_graphs_refuse_what_they_cannot_hold(model_and_config):
     graphs = PrefillGraphs(model, [], max_num_seqs=32, max_num_batched_tokens=100,
                            max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE),
                            staging=_staging(100, 32))
-    assert graphs.sizes == [16, 32, 64, 100], "the step budget itself is the largest graph"
+    assert graphs.sizes == [4, 8, 16, 32, 64, 100], "the step budget itself is the largest graph"
     rng = np.random.default_rng(1)
     assert graphs.can_run(_step(rng, [0, 0], [30, 70]))
     assert not graphs.can_run(_step(rng, [0, 0], [30, 71])), "101 tokens exceed the largest graph"

@@ -49,10 +49,13 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(x + residual), x + residual): the decoder's residual add fused into the next norm."""
+    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor,
+                              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x + residual), x + residual): the decoder's residual add fused into the next norm.
+        out: where the normed rows go (contiguous, x's shape and dtype); a new tensor when None."""
         ops = fused_ops_for(x, residual, self.weight)
         if ops is not None:
-            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, out=out)
         residual = x + residual
-        return self.forward_torch(residual), residual
+        normed = self.forward_torch(residual)
+        return (normed if out is None else out.copy_(normed)), residual
