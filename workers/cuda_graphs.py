@@ -79,10 +79,8 @@ class DecodeGraphs:
         put = self.staging.put
         put(self.input_ids[:n], inputs.input_ids)
         put(self.positions[:n], inputs.positions)
-        put(self.slot_mapping[:n], inputs.slot_mapping)
-        self.slot_mapping[n:bs].fill_(-1)
-        put(self.seq_lens[:n], inputs.seq_lens)
-        self.seq_lens[n:bs].fill_(0)
+        put(self.slot_mapping[:bs], inputs.slot_mapping, fill=-1)  # padding rows write no KV...
+        put(self.seq_lens[:bs], inputs.seq_lens, fill=0)  # ...and read none
         put(self.block_tables[:n, :width], inputs.block_tables)
         if fill is not None:
             fill(self.input_ids)
@@ -179,12 +177,9 @@ class PrefillGraphs:
         put = self.staging.put
         put(self.input_ids[:n], inputs.input_ids)
         put(self.positions[:n], inputs.positions)
-        put(self.slot_mapping[:n], inputs.slot_mapping)
-        self.slot_mapping[n:t].fill_(-1)
-        put(self.query_start_loc[:s + 1], inputs.query_start_loc)
-        self.query_start_loc[s + 1:].fill_(n)
-        put(self.seq_lens[:s], inputs.seq_lens)
-        self.seq_lens[s:].fill_(0)
+        put(self.slot_mapping[:t], inputs.slot_mapping, fill=-1)  # padding tokens write no KV
+        put(self.query_start_loc, inputs.query_start_loc, fill=n)  # padding sequences: empty queries...
+        put(self.seq_lens, inputs.seq_lens, fill=0)  # ...and no context
         put(self.block_tables[:s, :inputs.block_tables.shape[1]], inputs.block_tables)
         if fill is not None:
             fill(self.input_ids)

@@ -1,5 +1,7 @@
 """ModelRunner: one step = update the persistent batch, prepare inputs, forward, sample."""
 import itertools
+import logging
+import time
 
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ from workers.parallel import TensorParallelGroup
 from workers.pinned_staging import PinnedStaging, step_input_bytes
 from workers.sampler import Sampler, SamplingTensors
 from workers.weight_loader import load_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -58,6 +62,7 @@ class ModelRunner:
         # graphs need kernels that read only device tensors and host ints fixed at capture
         if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
             pool = torch.cuda.graph_pool_handle()  # one memory pool: only one graph runs at a time
+            start = time.perf_counter()
             self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, sched.max_num_seqs,
                                                 sched.max_num_batched_tokens, self.max_model_len, block_size,
                                                 self.device, self.staging)
@@ -65,6 +70,9 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
                                               self.max_model_len, block_size, self.device, self.staging)
             self.decode_graphs.capture(pool)
+            logger.info("captured %d prefill graphs (%d..%d tokens) and %d decode graphs in %.1f s",
+                        len(self.prefill_graphs.sizes), self.prefill_graphs.sizes[0],
+                        self.prefill_graphs.sizes[-1], len(self.decode_graphs.sizes), time.perf_counter() - start)
         if self.device.type == "cuda":
             self._warm_logits(self.scheduler_config.max_num_seqs)
 

@@ -49,3 +49,21 @@ def test_wrong_dtype_is_refused():
     staging.begin_step()
     with pytest.raises(TypeError, match="dtypes and shapes must match"):
         staging.put(torch.zeros(4, dtype=torch.int32, device="cuda"), np.arange(4, dtype=np.int64))
+
+
+def test_fill_pads_the_rows_past_the_array_while_the_device_is_busy():
+    device = torch.device("cuda")
+    staging = PinnedStaging(step_input_bytes(64, 8, 4), device)
+    slots = torch.zeros(64, dtype=torch.int64, device=device)
+    got = []
+    for step, n in enumerate((40, 3, 64, 0)):  # a shorter step after a longer one leaves no stale rows
+        staging.begin_step()
+        torch.cuda._sleep(2_000_000)
+        staging.put(slots[:48], np.arange(n, dtype=np.int64)[:48] + 100 * step, fill=-1)
+        got.append(slots.clone())
+        staging.end_step()
+    torch.cuda.synchronize()
+    for step, (n, slot_rows) in enumerate(zip((40, 3, 64, 0), got)):
+        live = min(n, 48)
+        assert slot_rows[:live].tolist() == list(range(100 * step, 100 * step + live))
+        assert (slot_rows[live:48] == -1).all() and (slot_rows[48:] == 0).all()

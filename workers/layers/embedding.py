@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers.linear import linear
 from workers.parallel import TensorParallelGroup
 
 
@@ -39,7 +40,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the full vocabulary; may share its weight with the embedding (tied)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, vocab]
-        logits = F.linear(hidden, self.weight)  # [N, vocab / tp]
+        logits = linear(hidden, self.weight)  # [N, vocab / tp]
         if self.parallel.tp_size == 1:
             return logits
         return self.parallel.all_gather(logits, dim=-1)[:, : self.num_embeddings]

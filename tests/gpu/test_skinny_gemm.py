@@ -1,0 +1,68 @@
+"""The skinny GEMM (workers/layers/skinny_gemm.py) against a float32 matmul, and linear()'s choice
+between it and cuBLAS.
+
+Bound: each output within one rounding of the model dtype of the float32 product (eps * |ref| plus
+eps * the row's largest |ref|, for sums that cancel), the bound cuBLAS meets too, which the test
+checks on the same inputs so that the bound is known to be a fair one. Under Triton's CPU
+interpreter only float16 runs (it truncates float32 -> bfloat16 instead of rounding).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.gpu.triton_device import triton_device
+
+DEVICE = triton_device()
+
+pytest.importorskip("triton")
+from workers.layers import linear as linear_module  # noqa: E402
+from workers.layers import skinny_gemm as skinny_module  # noqa: E402
+from workers.layers.skinny_gemm import MAX_ROWS, skinny_gemm  # noqa: E402
+
+pytestmark = [pytest.mark.gpu]
+
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16]
+# (N, K): Qwen3-0.6B's qkv and down projections, then sizes that leave partial column and K blocks
+SHAPES = [(4096, 1024), (1024, 3072), (1000, 300)] if DEVICE == "cuda" else [(40, 300), (16, 256)]
+
+
+def _within_one_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
+    eps = torch.finfo(out.dtype).eps
+    tol = eps * ref.abs() + eps * ref.abs().amax(dim=1, keepdim=True)
+    assert ((out.float() - ref).abs() <= tol).all(), float(((out.float() - ref).abs() - tol).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
+def test_skinny_gemm_matches_a_float32_product(dtype, n, k, m):
+    gen = torch.Generator(device=DEVICE).manual_seed(m * 7 + n)
+    weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(dtype)
+    wide = torch.randn(m, k + 8, generator=gen, device=DEVICE).to(dtype)
+    x = wide[:, :k]  # rows of a wider buffer: stride(0) != K
+    ref = x.float() @ weight.float().T
+    out = skinny_gemm(x, weight)
+    assert out.shape == (m, n) and out.dtype == dtype and torch.isfinite(out).all()
+    _within_one_rounding(out, ref)
+    if DEVICE == "cuda":
+        _within_one_rounding(F.linear(x, weight), ref)  # the bound is one cuBLAS meets as well
+
+
+def test_linear_takes_the_skinny_gemm_up_to_max_rows_only(monkeypatch):
+    calls = []
+
+    def counting(x, weight, **kwargs):
+        calls.append(x.shape[0])
+        return skinny_gemm(x, weight, **kwargs)
+
+    monkeypatch.setattr(skinny_module, "skinny_gemm", counting)
+    weight = torch.randn(64, 256, device=DEVICE).to(torch.float16)
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 256, device=DEVICE).to(torch.float16)
+        _within_one_rounding(linear_module.linear(x, weight), x.float() @ weight.float().T)
+    assert calls == [1, MAX_ROWS], "more rows than MAX_ROWS go to cuBLAS"
+    linear_module.linear(torch.randn(2, 256, device=DEVICE), weight.float())
+    assert calls == [1, MAX_ROWS], "float32 keeps cuBLAS (tl.dot would round its inputs to tf32)"
+    monkeypatch.setattr(linear_module, "SKINNY_GEMM_ENABLED", False)
+    linear_module.linear(torch.randn(2, 256, device=DEVICE).to(torch.float16), weight)
+    assert calls == [1, MAX_ROWS], "FOLOVLLM_SKINNY_GEMM=0 keeps cuBLAS"
