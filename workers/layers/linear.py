@@ -23,7 +23,7 @@ SKINNY_MAX_ROWS = 16  # workers/layers/skinny_gemm.MAX_ROWS, here so that this m
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; x [T, in] of at most 16 rows on CUDA goes through the skinny Triton GEMM
     (workers/layers/skinny_gemm.py): batch-1..16 decode steps and small prefix-cache hits, where
-    it took Qwen3-0.6B's layer from 27.4 to 24.8 us and its lm_head from 117 to 107 us (H100)."""
+    it took Qwen3-0.6B's layer from 27.3 to 25.1 us and its lm_head from 117 to 107 us (H100)."""
     if (SKINNY_GEMM_ENABLED and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
             and x.stride(-1) == 1 and x.dtype in _SKINNY_DTYPES and weight.is_contiguous()
             and fused_ops_for(x, weight) is not None):

@@ -2,8 +2,8 @@
 
 At these row counts a linear layer only streams its weight, and what a kernel costs in a CUDA
 graph is mostly fixed: Qwen3-0.6B's four projections read 31.5 MB a layer (~10.5 us at an H100's
-copy bandwidth) and took cuBLAS 27.4 us at one row; this kernel takes 24.8, and the lm_head 107
-us against 117 (s6 probe, each shape in a graph of 28 calls). Each program owns BLOCK_N output
+copy bandwidth) and took cuBLAS 27.3 us at one row; this kernel takes 25.1, and the lm_head 107
+us against 117 (H100, cluster/benchmarks/skinny_gemm_bench.py: each shape in a graph of 28 calls). Each program owns BLOCK_N output
 features and walks all of K, so every weight element is read once and the float32 sum runs in
 one fixed order (no split-K atomics: the result does not depend on timing); the few x rows come
 from L2.
@@ -45,7 +45,7 @@ def _skinny_gemm_kernel(
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): best or within 2% of best for all five Qwen3-0.6B
-# shapes (qkv, o, gate_up, down, lm_head) at 1 and 16 rows on an H100 (s6 probe). Narrow column
+# shapes (qkv, o, gate_up, down, lm_head) at 1 and 16 rows on an H100 (skinny_gemm_bench --sweep). Narrow column
 # blocks give even a 1024-wide output 64 programs, each with five K slices in flight.
 _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 16, 256, 2, 5
 
