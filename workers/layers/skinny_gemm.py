@@ -45,8 +45,9 @@ def _skinny_gemm_kernel(
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): best or within 2% of best for all five Qwen3-0.6B
-# shapes (qkv, o, gate_up, down, lm_head) at 1 and 16 rows on an H100 (skinny_gemm_bench --sweep). Narrow column
-# blocks give even a 1024-wide output 64 programs, each with five K slices in flight.
+# shapes (qkv, o, gate_up, down, lm_head) at 1 and 16 rows on an H100 (skinny_gemm_bench
+# --sweep). Narrow column blocks give even a 1024-wide output 64 programs, each with five K
+# slices in flight.
 _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 16, 256, 2, 5
 
 
@@ -54,7 +55,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
                 block_n: int | None = None, block_k: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, unit stride along K), weight [N, K] contiguous -> x @ weight.T [M, N].
-    The block and launch arguments override the tuned defaults (the probe sweeps them)."""
+    The block and launch arguments override the tuned defaults (skinny_gemm_bench --sweep)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype, (x.shape, weight.shape)
