@@ -3,10 +3,10 @@
 At these row counts a linear layer only streams its weight, and what a kernel costs in a CUDA
 graph is mostly fixed: Qwen3-0.6B's four projections read 31.5 MB a layer (~10.5 us at an H100's
 copy bandwidth) and took cuBLAS 27.3 us at one row; this kernel takes 25.1, and the lm_head 107
-us against 117 (H100, cluster/benchmarks/skinny_gemm_bench.py: each shape in a graph of 28 calls). Each program owns BLOCK_N output
-features and walks all of K, so every weight element is read once and the float32 sum runs in
-one fixed order (no split-K atomics: the result does not depend on timing); the few x rows come
-from L2.
+us against 117 (H100, cluster/benchmarks/skinny_gemm_bench.py: each shape in a graph of 28
+calls). Each program owns BLOCK_N output features and walks all of K, so every weight element is
+read once and the float32 sum runs in one fixed order (no split-K atomics: the result does not
+depend on timing); the few x rows come from L2.
 
 CUDA graphs: no host sync; the grid depends only on N. CPU tensors run under TRITON_INTERPRET=1.
 """
