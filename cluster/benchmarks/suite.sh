@@ -4,7 +4,7 @@
 # summary is printed last. From the repository root:
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
 # Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix
-#   phases attention attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+#   phases skinny attention attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
 #   serve (a `folovllm serve` on this GPU and `folovllm bench serve` against it, issue 6 item 4f)
 # Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 tp8b tp32b (four GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
@@ -29,7 +29,7 @@ tp_flags=${TP_FLAGS:-}  # e.g. TP_FLAGS=--enforce-eager for the tensor-parallel 
 
 for stage in "$@"; do
   case $stage in
-    tests) run tests 330 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;
+    tests) run tests 500 python -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu ;;  # 424 s on an H100 (s6)
     attntests) run attntests 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py ;;
     graphtests) run graphtests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_prefill_graphs.py \
                   tests/gpu/test_engine_gpu.py ;;
@@ -42,6 +42,7 @@ for stage in "$@"; do
     latency) run latency 60 $offline latency --out "$out" ;;
     prefix) run prefix 45 $offline prefix --out "$out" ;;
     phases) run phases 90 python -m cluster.benchmarks.request_phases ;;
+    skinny) run skinny 150 python -m cluster.benchmarks.skinny_gemm_bench --rows 1,4,16 ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
     attention_mixed) run attention_mixed 150 python -m cluster.benchmarks.attention_bench --mixed --no-grid \
                        --out-dir "$out/mixed" ;;
