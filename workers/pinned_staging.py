@@ -61,23 +61,19 @@ class PinnedStaging:
                             f"tensor of shape {tuple(dst.shape)}: dtypes and shapes must match")
         start = -(-self._offset // _ALIGN) * _ALIGN
         end = start + dst.numel() * array.itemsize
-        if end > self.num_bytes:  # larger than any step was sized for: pin this one alone
-            if rows is None:
-                host = np.ascontiguousarray(array)
-            else:
-                host = np.full(shape, fill, dtype=array.dtype)
-                host[:len(array)] = array
-            host = torch.from_numpy(host)
-            dst.copy_(host.pin_memory() if self._pinned else host, non_blocking=True)
-            return
-        self._offset = end
-        staged = self._arena_arrays[self._current][start:end].view(array.dtype).reshape(shape)
+        alone = end > self.num_bytes  # larger than any step was sized for: pinned on its own below
+        if alone:
+            staged = np.empty(shape, dtype=array.dtype)
+        else:
+            self._offset = end
+            staged = self._arena_arrays[self._current][start:end].view(array.dtype).reshape(shape)
         if rows is None:
             staged[...] = array
         else:
             staged[:len(array)] = array
             staged[len(array):] = fill
-        dst.copy_(torch.from_numpy(staged), non_blocking=True)
+        host = torch.from_numpy(staged)
+        dst.copy_(host.pin_memory() if alone and self._pinned else host, non_blocking=True)
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         out = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], device=self.device)
