@@ -27,5 +27,11 @@ class SchedulerConfig(BaseModel):
         True, description="Split long prompts across steps to fit the token budget.")
     policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="Waiting-queue order: first come first served, or by request priority (lower first).")
+    num_scheduler_steps: int = Field(
+        1, ge=1, le=64,
+        description="Decode passes a worker runs for one scheduled step (as vLLM's --num-scheduler-steps): "
+                    "each sequence's next tokens are sampled on the device, one a pass, so the host schedules "
+                    "and collects once per k tokens. For host-bound serving (many data-parallel replicas on "
+                    "one scheduler); tokens then stream k at a time and new requests wait up to k passes.")
     max_queued_requests: int = Field(
         4096, ge=1, description="Most requests waiting for admission; more are refused as queue full.")

@@ -41,6 +41,10 @@ class SchedulerOutput:
     # sequences whose replica-side state must be dropped before this step runs:
     # finished, aborted or preempted since the last step
     finished_req_ids: list[str] = field(default_factory=list)
+    # > 1 (multi-step, SchedulerConfig.num_scheduler_steps): every scheduled sequence decodes and
+    # the worker runs this many forward passes; a sequence with n scheduled tokens takes part in
+    # the first n, each pass feeding it the token the pass before sampled
+    decode_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -59,7 +63,8 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str]
-    # per sequence: [] while a prefill is only partly computed, else [the sampled token]
+    # per sequence: [] while a prefill is only partly computed, else the sampled tokens, one per
+    # forward pass it took part in (one, unless the step had decode_steps > 1)
     sampled_token_ids: list[list[int]]
     # per sequence: None unless SamplingParams.logprobs was set and a token was sampled
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)

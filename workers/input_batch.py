@@ -22,7 +22,7 @@ class CachedRequestState:
     sibling_index: int
     block_ids: list[int]
     num_computed_tokens: int
-    num_pending: int = 0  # tokens sampled by a launched step and not yet appended (0 or 1)
+    num_pending: int = 0  # tokens sampled by launched passes and not yet appended
 
     def __post_init__(self):
         # the block table as an array too, so a step copies it row-wise instead of converting lists
@@ -97,8 +97,10 @@ class InputBatch:
         for i, state in enumerate(states):
             n = int(num_tokens[i])
             start, end, lo = state.num_computed_tokens, state.num_computed_tokens + n, int(query_start_loc[i])
-            if start == state.num_tokens:  # only a decode is scheduled past the known tokens
-                assert state.num_pending and n == 1, f"{state.req_id}: scheduled past its tokens"
+            if start >= state.num_tokens:  # only a decode is scheduled past the known tokens: its
+                # input is the newest token sampled, by a pass still in flight
+                assert start == state.num_tokens + state.num_pending - 1 and n == 1, \
+                    f"{state.req_id}: scheduled past its tokens"
                 input_ids[lo] = 0
                 pending_inputs.append((lo, state.req_id))
             elif n == 1:  # decode: the common case, kept cheap

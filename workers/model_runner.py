@@ -2,6 +2,7 @@
 import itertools
 import logging
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from workers.cuda_graphs import DecodeGraphs, PrefillGraphs
 from scheduler.sampling_params import SamplingParams
 from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
+from workers.multi_step import MultiStepHandle, split_passes
 from workers.parallel import TensorParallelGroup
 from workers.pinned_staging import PinnedStaging, step_input_bytes
 from workers.sampler import Sampler, SamplingTensors
@@ -45,7 +47,8 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.staging: PinnedStaging | None = None  # the step inputs' host memory, pinned on CUDA
-        self._inflight: StepHandle | None = None  # the last launched step, until collected
+        self._inflight: StepHandle | MultiStepHandle | None = None  # the last launched step, until collected
+        self._uncollected: deque[StepHandle] = deque()  # launched passes not yet collected, oldest first
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.hf_config, self.device, self.dtype, self.parallel,
@@ -58,7 +61,8 @@ class ModelRunner:
                                             self.dtype, self.device, self.parallel.tp_size)
         sched, block_size = self.scheduler_config, self.cache_config.block_size
         self.staging = PinnedStaging(step_input_bytes(sched.max_num_batched_tokens, sched.max_num_seqs,
-                                                      -(-self.max_model_len // block_size)), self.device)
+                                                      -(-self.max_model_len // block_size)), self.device,
+                                     num_arenas=2 * sched.num_scheduler_steps)
         # graphs need kernels that read only device tensors and host ints fixed at capture
         if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
             pool = torch.cuda.graph_pool_handle()  # one memory pool: only one graph runs at a time
@@ -122,9 +126,18 @@ class ModelRunner:
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.launch(step).result()
 
-    @torch.inference_mode()
-    def launch(self, step: SchedulerOutput) -> "StepHandle":
+    def launch(self, step: SchedulerOutput) -> "StepHandle | MultiStepHandle":
         """Enqueue a step on the device and return at once; result() waits for its tokens.
+        A multi-step (decode_steps > 1) is its passes launched one after another."""
+        if step.decode_steps == 1:
+            return self._launch_pass(step)
+        handles = [self._launch_pass(p) for p in split_passes(step)]
+        self._inflight = MultiStepHandle(self, handles)
+        return self._inflight
+
+    @torch.inference_mode()
+    def _launch_pass(self, step: SchedulerOutput) -> "StepHandle":
+        """One forward pass.
 
         The next step may be launched before this one is collected: tokens it needs from this
         one are copied in on the device. A sequence whose sampling reads its own history
@@ -213,6 +226,8 @@ class StepHandle:
         self._output: ModelRunnerOutput | None = None
         for state in states:
             state.num_pending += 1
+        if runner is not None:
+            runner._uncollected.append(self)
         self._host = token_ids
         self._event = None
         if token_ids is not None and token_ids.is_cuda:
@@ -240,6 +255,11 @@ class StepHandle:
     def result(self) -> ModelRunnerOutput:
         if self._output is not None:
             return self._output
+        # tokens are appended in launch order: an older step still out goes first (a multi-step's
+        # passes, when a later pass's sampling reads the history)
+        while self.runner._uncollected[0] is not self:
+            self.runner._uncollected[0].result()
+        self.runner._uncollected.popleft()
         if self._event is not None:
             self._event.synchronize()
         sampled = self._host.tolist()

@@ -8,9 +8,11 @@ written into one pinned arena and copied from there.
 Off CUDA the arenas are plain memory and each copy completes at once (the CPU engine and the
 Triton interpreter tests take the same path).
 
-Two arenas alternate between steps. A step rewrites its arena only once the copies that last
-read it have run (an event recorded after them): with two steps in flight that step was
-collected before this one was prepared, so the wait is normally already over.
+Arenas take turns, one a step (two by default). A step rewrites its arena only once the copies
+that last read it have run (an event recorded after them): with two steps in flight that step
+was collected before this one was prepared, so the wait is normally already over. A multi-step
+launch (SchedulerOutput.decode_steps) queues k passes at once, so its runner keeps 2k arenas:
+fewer would hold the launch until the device caught up.
 """
 import numpy as np
 import torch
@@ -19,22 +21,23 @@ _ALIGN = 64  # bytes: every array starts aligned for its dtype's view
 
 
 class PinnedStaging:
-    def __init__(self, num_bytes: int, device: torch.device):
+    def __init__(self, num_bytes: int, device: torch.device, num_arenas: int = 2):
         self.num_bytes = num_bytes
         self.device = device
         self._pinned = device.type == "cuda"
-        self._arenas = [torch.empty(num_bytes, dtype=torch.uint8, pin_memory=self._pinned) for _ in range(2)]
+        self._arenas = [torch.empty(num_bytes, dtype=torch.uint8, pin_memory=self._pinned)
+                        for _ in range(num_arenas)]
         # numpy views of the arenas: staging an array is numpy slicing and one torch.from_numpy.
         # A warm prefix hit's seven puts took 0.12 ms this way, its padding included, against
         # 0.19 ms when each sliced and viewed the torch arena (H100 host, s6-call3 vs s6-call2)
         self._arena_arrays = [arena.numpy() for arena in self._arenas]
-        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None] * num_arenas
         self._current = 0
         self._offset = 0
 
     def begin_step(self) -> None:
-        """Switch to the other arena, once the copies that last read it have run."""
-        self._current ^= 1
+        """Switch to the next arena, once the copies that last read it have run."""
+        self._current = (self._current + 1) % len(self._arenas)
         event = self._events[self._current]
         if event is not None:
             event.synchronize()

@@ -128,4 +128,6 @@ class NoopWorkerActor(WorkerActor):
         if self.tp_rank != 0 or prev is None:
             return None
         req_ids = [r.req_id for r in prev.scheduled_new_reqs] + list(prev.scheduled_cached_reqs.req_ids)
-        return ModelRunnerOutput(req_ids, [[7] for _ in req_ids], [None] * len(req_ids))
+        # a multi-step samples a token a pass: as many as the sequence's scheduled tokens
+        per_seq = prev.num_scheduled_tokens if prev.decode_steps > 1 else dict.fromkeys(req_ids, 1)
+        return ModelRunnerOutput(req_ids, [[7] * per_seq[r] for r in req_ids], [None] * len(req_ids))

@@ -35,7 +35,7 @@ def _emit(args, result: dict) -> None:
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "dp": args.data_parallel_size, "tp": args.tensor_parallel_size,
               "async_scheduling": not args.no_async_scheduling, "path": "ray" if on_ray else "in-process",
-              **result}
+              "num_scheduler_steps": args.num_scheduler_steps, **result}
     print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def _make_llm(args, **overrides):
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   attention_backend=args.attention_backend, data_parallel_size=args.data_parallel_size,
                   tensor_parallel_size=args.tensor_parallel_size, use_ray=args.use_ray or None,
-                  async_scheduling=not args.no_async_scheduling)
+                  async_scheduling=not args.no_async_scheduling, num_scheduler_steps=args.num_scheduler_steps)
     kwargs.update(overrides)
     return LLM(args.model, **kwargs)
 
@@ -311,6 +311,8 @@ def main(argv=None) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--use-ray", action="store_true", help="Ray actors even for one replica (the served path)")
     p.add_argument("--no-async-scheduling", action="store_true", help="Ray path: collect each step before the next")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode passes per scheduled step (multi-step; for host-bound data parallel runs)")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--trace", action="store_true",
                    help="throughput, in-process: split the time between prefill and decode steps")

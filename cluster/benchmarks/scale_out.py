@@ -3,7 +3,8 @@
 
   python -m cluster.benchmarks.scale_out dp --sizes 1,2,4,8
       offline throughput (nano-vllm workload, Qwen3-0.6B dummy) on the Ray path at each data parallel
-      size, 256 requests per replica, and the scaling efficiency against DP=1
+      size, 256 requests per replica, and the scaling efficiency against DP=1 (--num-scheduler-steps
+      k: multi-step decoding, the scheduler's host work once per k tokens)
   python -m cluster.benchmarks.scale_out tp --model Qwen/Qwen3-8B --sizes 1,4,8 --dtype float32
       greedy token ids at each tensor parallel size compared with the smallest size (float32, so
       that only the reduction order differs), then time per output token at each (--perf-sizes
@@ -42,7 +43,8 @@ def run_dp(args) -> None:
     base, base_from = args.dp1_tok_per_s, "--dp1-tok-per-s" if args.dp1_tok_per_s else None
     for dp in [int(s) for s in args.sizes.split(",")]:
         result = _offline(args, "throughput", "--data-parallel-size", str(dp),
-                          "--num-requests", str(args.requests_per_replica * dp))[-1]
+                          "--num-requests", str(args.requests_per_replica * dp),
+                          "--num-scheduler-steps", str(args.num_scheduler_steps))[-1]
         if dp == 1:
             base, base_from = result["output_tok_per_s"], "this run"
         efficiency = result["output_tok_per_s"] / (dp * base) if base else None
@@ -92,6 +94,8 @@ def main(argv=None) -> None:
     p.add_argument("--dp1-tok-per-s", type=float, default=None,
                    help="dp: DP=1 throughput from another run, when --sizes lacks 1")
     p.add_argument("--requests-per-replica", type=int, default=256)
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="dp: decode passes per scheduled step (multi-step), for every size")
     p.add_argument("--dtype", default="float32", help="tp: float32 keeps greedy ids comparable across sizes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=1024, help="tp: of the equality runs")

@@ -76,6 +76,16 @@ def test_bf16_dummy_qwen3_runs_with_graphs_and_chunked_prefill():
     llm.engine.scheduler.block_manager.check_no_leaks()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_multi_step_passes_replay_decode_graphs_and_match_reference_path(tiny_model_dir, reference,
+                                                                         async_scheduling):
+    # each pass takes its input token from the pass before on the device, through the graph's fill
+    llm, tokens = _run(tiny_model_dir, PROMPTS, dtype="float32", attention_backend="triton",
+                       num_scheduler_steps=4, async_scheduling=async_scheduling)
+    assert llm.engine.worker.runner.decode_graphs is not None
+    assert tokens == reference
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_steps_from_another_thread_run_on_the_workers_gpu():
     """A Ray actor runs its methods on several threads, and the current CUDA device is per thread.

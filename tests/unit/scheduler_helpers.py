@@ -113,7 +113,11 @@ class FakeModelRunner:
         req_ids, sampled = [], []
         for seq_id, num_tokens in step.num_scheduled_tokens.items():
             req_ids.append(seq_id)
-            sampled.append(self._run(seq_id, num_tokens))
+            if step.decode_steps > 1:  # multi-step: one token a pass, each fed the one sampled before
+                assert num_tokens <= step.decode_steps, f"{seq_id}: more tokens than passes"
+                sampled.append([t for _ in range(num_tokens) for t in self._run(seq_id, 1)])
+            else:
+                sampled.append(self._run(seq_id, num_tokens))
         return ModelRunnerOutput(req_ids, sampled)
 
     def _add_blocks(self, seq_id: str, block_ids: list[int]) -> None:

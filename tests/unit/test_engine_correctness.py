@@ -212,3 +212,39 @@ def test_async_scheduling_feeds_tokens_on_the_device_and_changes_nothing(tiny_mo
     serial = make_llm(tiny_model_dir, async_scheduling=False).generate(PROMPTS[:4], mixed, use_tqdm=False)
     assert token_ids(overlapped) == token_ids(serial)
     check_no_leaks(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_multi_step_decoding_keeps_greedy_output(tiny_model_dir, hf_reference, async_scheduling):
+    from workers.model_runner import ModelRunner
+
+    passes = []
+    launch = ModelRunner.launch
+    llm = make_llm(tiny_model_dir, num_scheduler_steps=4, async_scheduling=async_scheduling)
+    try:
+        ModelRunner.launch = lambda self, step: passes.append(step.decode_steps) or launch(self, step)
+        assert token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == hf_reference
+    finally:
+        ModelRunner.launch = launch
+    assert max(passes) == 4, "decode steps should run as 4 passes"
+    check_no_leaks(llm)
+    # sampling that reads its own history waits for the passes before it; a logprobs one takes one
+    # token a step; a stop inside the passes ends the sequence there
+    mixed = [SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=12),
+             SamplingParams(temperature=0.0, presence_penalty=1.0, min_tokens=6, max_tokens=12),
+             greedy(max_tokens=12, logprobs=2), greedy(max_tokens=9, stop_token_ids=[hf_reference[4][5]])]
+    multi = llm.generate(PROMPTS[:5], mixed, use_tqdm=False)
+    single = make_llm(tiny_model_dir).generate(PROMPTS[:5], mixed, use_tqdm=False)
+    assert token_ids(multi) == token_ids(single)
+    assert [o.outputs[0].finish_reason for o in multi] == [o.outputs[0].finish_reason for o in single]
+    assert len(multi[3].outputs[0].logprobs) == 12
+    check_no_leaks(llm)
+
+
+def test_multi_step_decoding_under_preemption_keeps_greedy_output(tiny_model_dir, hf_reference):
+    llm = make_llm(tiny_model_dir, num_scheduler_steps=3, num_gpu_blocks=40, max_model_len=160,
+                   async_scheduling=True)
+    assert token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == hf_reference
+    assert llm.engine.scheduler.get_stats().num_preemptions > 0, "the tiny cache should force preemption"
+    check_no_leaks(llm)
