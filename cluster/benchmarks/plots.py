@@ -55,4 +55,20 @@ def write_plots(out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("time to first token, ms")
         ax.set_title(f"{r['prefix_len']}-token shared prefix, {r['device']}")
         save(fig, "prefix_cache.png")
+    scaling = [r for r in rows if r["bench"] == "dp_scaling"]
+    if scaling:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for k in sorted({r.get("num_scheduler_steps", 1) for r in scaling}):
+            runs = sorted((r for r in scaling if r.get("num_scheduler_steps", 1) == k), key=lambda r: r["dp"])
+            ax.plot([r["dp"] for r in runs], [r["output_tok_per_s"] for r in runs], "o-",
+                    label=f"num_scheduler_steps {k}")
+        ones = [r for r in scaling if r["dp"] == 1]
+        if ones:
+            dps = sorted({r["dp"] for r in scaling})
+            ax.plot(dps, [d * ones[0]["output_tok_per_s"] for d in dps], "k:", label="linear")
+        ax.set_xlabel("data parallel size")
+        ax.set_ylabel("output tokens / s")
+        ax.legend()
+        ax.set_title(f"Data-parallel scaling, {scaling[-1]['device']}")
+        save(fig, "dp_scaling.png")
     return written

@@ -95,6 +95,7 @@ CONFIG_BAD_VALUES = [
     (SchedulerConfig, "max_num_seqs", 0), (SchedulerConfig, "max_num_seqs", 4097),
     (SchedulerConfig, "max_num_batched_tokens", 0), (SchedulerConfig, "enable_chunked_prefill", "maybe"),
     (SchedulerConfig, "policy", "lifo"), (SchedulerConfig, "max_queued_requests", 0),
+    (SchedulerConfig, "num_scheduler_steps", 0), (SchedulerConfig, "num_scheduler_steps", 65),
 ]
 
 
