@@ -226,7 +226,10 @@ class Scheduler:
 
         decode_steps = 1
         if self.config.num_scheduler_steps > 1 and not new_reqs and budget > 0 and all(
-                n == 1 for n in num_scheduled.values()):
+                n == 1 for n in num_scheduled.values()) and all(
+                self.seqs[seq_id].output_token_ids for seq_id in num_scheduled):
+            # (a sequence whose first token is still in flight keeps the step at one pass: the
+            # replica launches this step before it returns that token, and k passes would delay it)
             budget, decode_steps = self._extend_decodes(cached, num_scheduled, budget)
 
         finished, self.finished_seq_ids = self.finished_seq_ids, []

@@ -33,6 +33,23 @@ def test_decodes_get_up_to_k_tokens_and_the_blocks_for_them():
     scheduler.block_manager.check_no_leaks()
 
 
+def test_the_step_after_a_prefill_is_one_pass_until_the_first_token_is_back():
+    scheduler = create_scheduler(num_scheduler_steps=4)
+    add_requests(scheduler, create_requests(1, prompt_len=6, max_tokens=20))
+    runner = FakeModelRunner(scheduler.block_size)
+    prefill = scheduler.schedule()
+    out_prefill = runner.execute_model(prefill)
+    ahead = scheduler.schedule()  # scheduled before the prefill's token is back, as the engine does
+    assert ahead.decode_steps == 1, "the replica launches it before returning the first token"
+    scheduler.update_from_output(prefill, out_prefill)
+    after = scheduler.schedule()
+    assert after.decode_steps == 4 and after.num_scheduled_tokens == {"req0#0": 4}
+    scheduler.update_from_output(ahead, runner.execute_model(ahead))
+    scheduler.update_from_output(after, runner.execute_model(after))
+    run_to_completion(scheduler, runner)
+    scheduler.block_manager.check_no_leaks()
+
+
 def test_max_tokens_caps_the_passes_and_nothing_is_computed_past_it():
     scheduler = create_scheduler(num_scheduler_steps=8)
     add_requests(scheduler, create_requests(1, prompt_len=5, max_tokens=4, id_prefix="a")
