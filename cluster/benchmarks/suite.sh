@@ -6,7 +6,8 @@
 # Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix
 #   phases skinny attention attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
 #   serve (a `folovllm serve` on this GPU and `folovllm bench serve` against it, issue 6 item 4f)
-# Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 tp8b tp32b (four GPUs)
+# Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 dp24ms tp8b tp32b (four GPUs),
+#   dp8ms tp8b8 tp32b8 (eight GPUs)
 # cluster/benchmarks/suite_x4.sh runs them on a four-GPU machine in two calls of the device tool.
 set -u
 out=${1:?usage: suite.sh OUT_DIR STAGE...}
@@ -72,6 +73,13 @@ for stage in "$@"; do
     dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;  # likewise
     dp14) run dp14 220 $scale dp --sizes 1,4 --out "$out" ;;
     dp24) run dp24 280 $scale dp --sizes 1,2,4 --out "$out" ;;
+    # multi-step decoding (the scheduler's host work once per 4 tokens): s7-call3, DP=4 0.48 -> 0.85
+    dp24ms) run dp24ms 280 $scale dp --sizes 1,2,4 --num-scheduler-steps 4 --out "$out" ;;
+    dp8ms) run dp8ms 300 $scale dp --sizes 1,8 --num-scheduler-steps 4 --out "$out" ;;  # eight GPUs
+    tp8b8) run tp8b8 300 $scale tp --model Qwen/Qwen3-8B --sizes 1,8 --perf-sizes 8 --throughput $tp_flags \
+             --out "$out" ;;  # eight GPUs: TP=8 equal to TP=1, then timed
+    tp32b8) run tp32b8 300 $scale tp --model Qwen/Qwen3-32B --sizes 4,8 --perf-sizes 8 --throughput \
+              --gpu-memory-utilization 0.95 $tp_flags --out "$out" ;;  # eight GPUs
     tp8b) run tp8b 220 $scale tp --model Qwen/Qwen3-8B --sizes 1,4 --perf-sizes 4 --throughput $tp_flags \
              --out "$out" ;;
     tp32b) run tp32b 230 $scale tp --model Qwen/Qwen3-32B --sizes 2,4 --perf-sizes 4 \

@@ -1,8 +1,9 @@
 """The engine on local Ray (CPU, tiny model): data and tensor parallel, aborts, lost workers.
 
-One Ray instance for the module (2 CPUs) and two engines: DP=2 over the compiled-graph step path,
-and DP=1 x TP=2 over gloo with plain actor calls. Every greedy output is compared with the
-in-process engine (cluster.llm.LLM) on the same checkpoint.
+One Ray instance for the module (2 CPUs) and two engines: DP=2 over the compiled-graph step path
+with multi-step decoding (num_scheduler_steps 2), and DP=1 x TP=2 over gloo with plain actor calls
+and one pass a step. Every greedy output is compared with the in-process engine (cluster.llm.LLM,
+one pass a step) on the same checkpoint.
 """
 import asyncio
 import random
@@ -45,7 +46,8 @@ def reference(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def dp_engine(tiny_model_dir):
-    config = EngineConfig.from_flat(model=str(tiny_model_dir), data_parallel_size=2, use_ray=True, **ENGINE_ARGS)
+    config = EngineConfig.from_flat(model=str(tiny_model_dir), data_parallel_size=2, use_ray=True,
+                                    num_scheduler_steps=2, **ENGINE_ARGS)
     client, shutdown = launch_engine(config, engine_id="dp2", use_compiled_graph=True)
     yield client
     shutdown()

@@ -234,10 +234,15 @@ def test_multi_step_decoding_keeps_greedy_output(tiny_model_dir, hf_reference, a
              SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=12),
              SamplingParams(temperature=0.0, presence_penalty=1.0, min_tokens=6, max_tokens=12),
              greedy(max_tokens=12, logprobs=2), greedy(max_tokens=9, stop_token_ids=[hf_reference[4][5]])]
-    multi = llm.generate(PROMPTS[:5], mixed, use_tqdm=False)
-    single = make_llm(tiny_model_dir).generate(PROMPTS[:5], mixed, use_tqdm=False)
+    single_llm = make_llm(tiny_model_dir)
+    text = single_llm.generate(PROMPTS[5], greedy(max_tokens=12), use_tqdm=False)[0].outputs[0].text
+    mixed.append(greedy(max_tokens=12, stop=[text[len(text) // 2:len(text) // 2 + 3]]))  # ends mid-step
+    multi = llm.generate(PROMPTS[:6], mixed, use_tqdm=False)
+    single = single_llm.generate(PROMPTS[:6], mixed, use_tqdm=False)
     assert token_ids(multi) == token_ids(single)
+    assert [o.outputs[0].text for o in multi] == [o.outputs[0].text for o in single]
     assert [o.outputs[0].finish_reason for o in multi] == [o.outputs[0].finish_reason for o in single]
+    assert multi[5].outputs[0].finish_reason == "stop" and len(multi[5].outputs[0].token_ids) < 12
     assert len(multi[3].outputs[0].logprobs) == 12
     check_no_leaks(llm)
 
