@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from scheduler.block_manager import BlockManager
 from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.errors import InvalidRequestError, QueueFullError
+from scheduler.multi_step import extend_decodes
 from scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                               SchedulerOutput, TokenLogprobs)
 from scheduler.policy import WaitingQueue, get_policy
@@ -230,7 +231,8 @@ class Scheduler:
                 self.seqs[seq_id].output_token_ids for seq_id in num_scheduled):
             # (a sequence whose first token is still in flight keeps the step at one pass: the
             # replica launches this step before it returns that token, and k passes would delay it)
-            budget, decode_steps = self._extend_decodes(cached, num_scheduled, budget)
+            budget, decode_steps = extend_decodes(cached, num_scheduled, budget, self.seqs, self.block_manager,
+                                                  self.max_seq_len, self.config.num_scheduler_steps)
 
         finished, self.finished_seq_ids = self.finished_seq_ids, []
         self._step_id += 1
@@ -238,43 +240,6 @@ class Scheduler:
             self._scheduled[self._step_id] = {seq_id: self.seqs[seq_id] for seq_id in num_scheduled}
         return SchedulerOutput(self._step_id, new_reqs, cached, num_scheduled,
                                self.config.max_num_batched_tokens - budget, finished, decode_steps)
-
-    def _extend_decodes(self, cached: CachedRequestData, num_scheduled: dict[str, int],
-                        budget: int) -> tuple[int, int]:
-        """Multi-step: a step of one-token decodes becomes up to num_scheduler_steps passes.
-
-        Each sequence that samples this step gets as many more tokens as its max_tokens, the
-        sequence length limit, the budget and the free blocks allow (never by preempting), each
-        sampled on the worker from the one before. Sequences that want logprobs keep one token:
-        a step returns one TokenLogprobs per sequence. Returns (budget left, passes)."""
-        max_extra, block_size, passes = self.config.num_scheduler_steps - 1, self.block_size, 1
-        for row, seq_id in enumerate(cached.req_ids):
-            seq = self.seqs[seq_id]
-            # num_output counts this step's sample: _advance made it pending
-            num_prompt, num_output = len(seq.prompt_token_ids), len(seq.output_token_ids) + seq.num_pending
-            if seq.num_computed_tokens != num_prompt + num_output - 1 or seq.sampling_params.logprobs is not None:
-                continue  # does not sample this step (a prefill chunk), or wants logprobs
-            max_tokens = seq.sampling_params.max_tokens
-            room = self.max_seq_len - num_prompt - num_output
-            if max_tokens is not None:
-                room = min(room, max_tokens - num_output)
-            extra = min(max_extra, room, budget)
-            if extra <= 0:
-                continue
-            total, held = seq.num_computed_tokens + extra, len(seq.block_ids) * block_size
-            if total > held:
-                if self.block_manager.can_allocate(seq, total):
-                    cached.new_block_ids[row] = cached.new_block_ids[row] + self.block_manager.allocate(seq, total)
-                else:  # what its blocks hold already
-                    extra, total = held - seq.num_computed_tokens, held
-                    if extra <= 0:
-                        continue
-            seq.num_computed_tokens = total
-            seq.num_pending += extra
-            num_scheduled[seq_id] += extra
-            budget -= extra
-            passes = max(passes, 1 + extra)
-        return budget, passes
 
     # _advance and _num_new_tokens run for every scheduled sequence of every step: they read the
     # token lists' lengths directly rather than through Sequence's properties
