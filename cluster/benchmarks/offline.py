@@ -84,8 +84,10 @@ def _trace_steps(llm) -> dict[int, dict]:
     def traced_schedule():
         out = schedule()
         n = out.num_scheduled_tokens
+        # a multi-step's sequences have several tokens each, all decodes: one per pass
         steps[out.step_id] = {"tokens": out.total_num_scheduled_tokens, "seqs": len(n),
-                              "prefill": any(k > 1 for k in n.values()),
+                              "prefill": out.decode_steps == 1 and any(k > 1 for k in n.values()),
+                              "passes": out.decode_steps,
                               "context": sum(scheduler.seqs[s].num_computed_tokens for s in n if s in scheduler.seqs)}
         return out
 
@@ -132,7 +134,7 @@ def _summarise_trace(llm, steps: dict[int, dict], start: float) -> dict:
         out[f"{kind}_steps"] += 1
         out[f"{kind}_s"] += s["done"] - last
         if kind == "decode":
-            out["decode_bytes"] += s["context"] * kv_bytes_per_token + weight_bytes
+            out["decode_bytes"] += s["passes"] * (s["context"] * kv_bytes_per_token + weight_bytes)
         last = s["done"]
     out["decode_GBps"] = out["decode_bytes"] / max(out["decode_s"], 1e-9) / 1e9
     timed = [s for s in steps.values() if "end" in s and s.get("done", 0) > start]
