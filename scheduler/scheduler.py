@@ -335,6 +335,9 @@ class Scheduler:
     def _append_tokens(self, seq: Sequence, token_ids: list[int],
                        logprobs: TokenLogprobs | None) -> EngineCoreOutput:
         seq.num_pending -= len(token_ids)
+        if len(token_ids) > 1 and logprobs is None and self._no_stop_among(seq, token_ids):
+            seq.output_token_ids.extend(token_ids)  # a multi-step's tokens, none of which can stop it
+            return self._output(seq, token_ids, None)
         for n, token_id in enumerate(token_ids, 1):
             seq.output_token_ids.append(token_id)
             status = self._check_stop(seq, token_id)
@@ -343,6 +346,18 @@ class Scheduler:
                 self._finish(seq, status)
                 break
         return self._output(seq, token_ids, [logprobs] if logprobs is not None else None)
+
+    def _no_stop_among(self, seq: Sequence, token_ids: list[int]) -> bool:
+        """_check_stop would pass every one of token_ids (appended after seq's outputs): no length
+        limit is reached and no eos or stop token is among them. Checked at C speed over the list."""
+        params = seq.sampling_params
+        num_after = len(seq.output_token_ids) + len(token_ids)
+        if num_after + len(seq.prompt_token_ids) >= self.max_seq_len or (
+                params.max_tokens is not None and num_after >= params.max_tokens):
+            return False
+        if not params.ignore_eos and not self.eos_token_ids.isdisjoint(token_ids):
+            return False
+        return not params.stop_token_ids or set(params.stop_token_ids).isdisjoint(token_ids)
 
     def _check_stop(self, seq: Sequence, token_id: int) -> RequestStatus | None:
         params = seq.sampling_params
