@@ -8,7 +8,7 @@ so host launch overhead and L2 reuse stay out of the numbers (the gaps between k
 graph stay in, as in a captured decode step). Median of triton.testing.do_bench.
 
   python cluster/benchmarks/attention_bench.py [--out-dir DIR] [--prefill] [--sweep] [--sweep-tiles]
-      [--mixed] [--no-grid]
+      [--mixed] [--no-grid] [--prefix-hit]
 
 Prints one JSON object per line and the decode table after the grid; writes attention_bench.json and a plot
 (attention_bench.png) when matplotlib imports, else attention_bench.csv.
@@ -206,6 +206,51 @@ def prefill_bench() -> list[dict]:
     return rows
 
 
+def _graph_us(fn, calls: int = 28) -> float:
+    """us a call of fn, from a CUDA graph of `calls` calls (a step's 28 layers), launch cost out."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return 1e3 * triton.testing.do_bench(graph.replay, return_mode="median") / calls
+
+
+def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
+    """A prefix-cache hit's attention: T query tokens of one sequence over 2,048 cached ones, with
+    the split count TritonBackend captures for such a step, at several tile heights (rows are
+    (token, head) pairs: a 4-token hit fills 8 of the default 128), against the decode kernel over
+    the same context (batch 1), the floor a few-token step could reach."""
+    backend, context, group = TritonBackend(), 2048, NUM_HEADS // NUM_KV_HEADS
+    blocks = math.ceil((context + 16) / BLOCK_SIZE)
+    kv_cache = torch.randn(2, blocks + 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    tables = torch.arange(1, blocks + 1, dtype=torch.int32, device="cuda").view(1, blocks)
+    programs = -(-backend.programs_per_sm * backend.num_sms // NUM_KV_HEADS)
+    rows = []
+    for num_tokens in (4, 16):
+        query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        seq_lens = torch.tensor([context + num_tokens], dtype=torch.int32, device="cuda")
+        qsl = torch.tensor([0, num_tokens], dtype=torch.int32, device="cuda")
+        splits = backend.num_prefill_splits(num_tokens, NUM_KV_HEADS, group, max_model_len)
+        for block_m, warps in [(128, 8), (64, 4), (32, 4), (32, 2)]:
+            # the tile map is made once a forward, not a layer: outside the timed calls
+            tile_map = kernels.prefill_tile_map(qsl, num_tokens, kernels.prefill_tokens_per_tile(group, block_m))
+            us = _graph_us(lambda: kernels.paged_prefill_attention(
+                query, kv_cache, tables, seq_lens, qsl, HEAD_DIM ** -0.5, tile_map=tile_map,
+                num_splits=splits, split_programs=programs, block_m=block_m, num_warps=warps))
+            rows.append(dict(kind="prefix_hit", tokens=num_tokens, context=context, splits=splits,
+                             block_m=block_m, num_warps=warps, us=us))
+            print(json.dumps(rows[-1]), flush=True)
+    one = torch.randn(1, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    lens = torch.tensor([context + 1], dtype=torch.int32, device="cuda")
+    splits = backend.num_decode_splits(1, NUM_KV_HEADS, max_model_len)
+    us = _graph_us(lambda: kernels.paged_decode_attention(one, kv_cache, tables, lens, HEAD_DIM ** -0.5, splits))
+    rows.append(dict(kind="prefix_hit_decode_floor", tokens=1, context=context, splits=splits, us=us))
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def save(rows, out_dir, copy_bw):
     try:
         import matplotlib
@@ -241,6 +286,8 @@ def main():
     parser.add_argument("--prefill", action="store_true", help="also time the prefill kernel")
     parser.add_argument("--mixed", action="store_true", help="also mixed context lengths: order and splits")
     parser.add_argument("--no-grid", action="store_true", help="skip the uniform-context grid")
+    parser.add_argument("--prefix-hit", action="store_true",
+                        help="also a prefix-cache hit's attention (4 and 16 tokens over 2k) by tile height")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     copy_bw = copy_bandwidth()
@@ -256,6 +303,8 @@ def main():
         result["mixed"] = mixed_lengths(bench, copy_bw)
     if args.prefill:
         result["prefill"] = prefill_bench()
+    if args.prefix_hit:
+        result["prefix_hit"] = prefix_hit_bench()
     if args.sweep:
         result["sweep_splits"] = sweep_splits(bench)
     if args.sweep_tiles:

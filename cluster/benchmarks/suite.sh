@@ -4,7 +4,7 @@
 # summary is printed last. From the repository root:
 #   bash cluster/benchmarks/suite.sh OUT_DIR STAGE...
 # Stages on one GPU: tests attntests graphtests profile prefill_profile throughput gpu_profile latency prefix
-#   phases skinny attention attention_mixed hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
+#   phases skinny attention attention_mixed prefixhit hf_generate hf_batch ray (the Ray path's throughput and latency, issue 3 item 7)
 #   serve (a `folovllm serve` on this GPU and `folovllm bench serve` against it, issue 6 item 4f)
 # Stages on several GPUs (Ray): dp12 dp2 tp2eq (two GPUs), dp4 dp14 dp24 dp24ms tp8b tp32b (four GPUs),
 #   dp8ms tp8b8 tp32b8 (eight GPUs)
@@ -45,6 +45,8 @@ for stage in "$@"; do
     phases) run phases 90 python -m cluster.benchmarks.request_phases ;;
     skinny) run skinny 150 python -m cluster.benchmarks.skinny_gemm_bench --rows 1,4,16 ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
+    prefixhit) run prefixhit 120 python -m cluster.benchmarks.attention_bench --no-grid --prefix-hit \
+                 --out-dir "$out/prefixhit" ;;
     attention_mixed) run attention_mixed 150 python -m cluster.benchmarks.attention_bench --mixed --no-grid \
                        --out-dir "$out/mixed" ;;
     hf_generate) run hf_generate 300 $offline hf --hf-modes generate --out "$out" ;;
