@@ -234,12 +234,13 @@ def test_prefill_split_keys_over_a_long_prefix(dtype):
     assert_close(whole, ref, dtype)
     # a few programs walk many items; and tiles of 32 rows (16 tokens of a group of 2), the shape
     # attention_bench --prefix-hit times against the default 128
-    for num_splits, programs, block_m in [(2, None, 128), (5, 3, 128), (32, 7, 128), (32, None, 32), (5, 3, 32)]:
+    for num_splits, programs, block_m in [(2, None, 128), (5, 3, 128), (32, 7, 128), (32, None, 32), (5, 3, 32),
+                                         (32, None, 64)]:
         out = poisoned(query.shape, dtype)
         triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
                                                md.query_start_loc, 0.09, out=out, num_splits=num_splits,
                                                split_programs=programs, block_m=block_m,
-                                               num_warps=8 if block_m == 128 else 4)
+                                               num_warps=8 if block_m == 128 else 4)  # as TritonBackend
         assert_close(out, ref, dtype)
 
 
