@@ -226,11 +226,12 @@ class Scheduler:
             budget -= num_new
 
         decode_steps = 1
-        if self.config.num_scheduler_steps > 1 and not new_reqs and budget > 0 and all(
-                n == 1 for n in num_scheduled.values()) and all(
-                self.seqs[seq_id].output_token_ids for seq_id in num_scheduled):
-            # (a sequence whose first token is still in flight keeps the step at one pass: the
-            # replica launches this step before it returns that token, and k passes would delay it)
+        if (self.config.num_scheduler_steps > 1 and not new_reqs and budget > 0
+                and self.num_preemptions == num_preemptions and all(n == 1 for n in num_scheduled.values())
+                and all(self.seqs[seq_id].output_token_ids for seq_id in num_scheduled)):
+            # one pass where this step preempted (the blocks freed are for the running), or where a
+            # sequence's first token is still in flight (the replica launches this step before it
+            # returns that token, and k passes would delay it)
             budget, decode_steps = extend_decodes(cached, num_scheduled, budget, self.seqs, self.block_manager,
                                                   self.max_seq_len, self.config.num_scheduler_steps)
 

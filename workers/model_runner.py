@@ -62,7 +62,7 @@ class ModelRunner:
         sched, block_size = self.scheduler_config, self.cache_config.block_size
         self.staging = PinnedStaging(step_input_bytes(sched.max_num_batched_tokens, sched.max_num_seqs,
                                                       -(-self.max_model_len // block_size)), self.device,
-                                     num_arenas=2 * sched.num_scheduler_steps)
+                                     num_arenas=min(2 * sched.num_scheduler_steps, 16))
         # graphs need kernels that read only device tensors and host ints fixed at capture
         if self.device.type == "cuda" and not self.enforce_eager and self.attn_backend.name == "triton":
             pool = torch.cuda.graph_pool_handle()  # one memory pool: only one graph runs at a time

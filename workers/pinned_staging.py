@@ -11,8 +11,8 @@ Triton interpreter tests take the same path).
 Arenas take turns, one a step (two by default). A step rewrites its arena only once the copies
 that last read it have run (an event recorded after them): with two steps in flight that step
 was collected before this one was prepared, so the wait is normally already over. A multi-step
-launch (SchedulerOutput.decode_steps) queues k passes at once, so its runner keeps 2k arenas:
-fewer would hold the launch until the device caught up.
+launch (SchedulerOutput.decode_steps) queues k passes at once, so its runner keeps 2k arenas
+(16 at most): fewer would hold the launch until the device caught up.
 """
 import numpy as np
 import torch

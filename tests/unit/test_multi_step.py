@@ -94,6 +94,20 @@ def test_no_free_block_means_fewer_passes_not_a_preemption():
     assert scheduler.num_preemptions == 0
 
 
+def test_a_step_that_preempts_runs_one_pass():
+    scheduler = create_scheduler(num_scheduler_steps=4, block_size=4, num_gpu_blocks=4)
+    add_requests(scheduler, create_requests(2, prompt_len=8, max_tokens=10))
+    runner = FakeModelRunner(scheduler.block_size)
+    step_once(scheduler, runner)  # both prompts: all 4 blocks, full
+    decode, _ = step_once(scheduler, runner)
+    assert scheduler.num_preemptions == 1, "req0's next token needs req1's blocks"
+    assert decode.decode_steps == 1 and decode.num_scheduled_tokens == {"req0#0": 1}
+    following, _ = step_once(scheduler, runner)
+    assert following.decode_steps == 4, "req1 cannot come back yet (3 blocks, 2 free): req0 runs on"
+    run_to_completion(scheduler, runner)
+    scheduler.block_manager.check_no_leaks()
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_random_workloads_match_single_step(seed):
     rng = random.Random(300 + seed)
