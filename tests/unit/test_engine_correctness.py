@@ -215,17 +215,15 @@ def test_async_scheduling_feeds_tokens_on_the_device_and_changes_nothing(tiny_mo
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_multi_step_decoding_keeps_greedy_output(tiny_model_dir, hf_reference, async_scheduling):
+def test_multi_step_decoding_keeps_greedy_output(tiny_model_dir, hf_reference, async_scheduling, monkeypatch):
     from workers.model_runner import ModelRunner
 
     passes = []
     launch = ModelRunner.launch
     llm = make_llm(tiny_model_dir, num_scheduler_steps=4, async_scheduling=async_scheduling)
-    try:
-        ModelRunner.launch = lambda self, step: passes.append(step.decode_steps) or launch(self, step)
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelRunner, "launch", lambda self, step: passes.append(step.decode_steps) or launch(self, step))
         assert token_ids(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == hf_reference
-    finally:
-        ModelRunner.launch = launch
     assert max(passes) == 4, "decode steps should run as 4 passes"
     check_no_leaks(llm)
     # sampling that reads its own history waits for the passes before it; a logprobs one takes one
