@@ -75,9 +75,10 @@ for stage in "$@"; do
     dp4) run dp4 130 $scale dp --sizes 4 --out "$out" ;;  # likewise
     dp14) run dp14 220 $scale dp --sizes 1,4 --out "$out" ;;
     dp24) run dp24 280 $scale dp --sizes 1,2,4 --out "$out" ;;
-    # multi-step decoding (the scheduler's host work once per 4 tokens): s7-call3, DP=4 0.48 -> 0.85
-    dp24ms) run dp24ms 280 $scale dp --sizes 1,2,4 --num-scheduler-steps 4 --out "$out" ;;
-    dp8ms) run dp8ms 300 $scale dp --sizes 1,8 --num-scheduler-steps 4 --out "$out" ;;  # eight GPUs
+    # multi-step decoding (the scheduler's host work once per k tokens, DP_STEPS, default 4):
+    # s7-call3, DP=4 0.48 -> 0.85 with k=4
+    dp24ms) run dp24ms 280 $scale dp --sizes 1,2,4 --num-scheduler-steps ${DP_STEPS:-4} --out "$out" ;;
+    dp8ms) run dp8ms 300 $scale dp --sizes 1,8 --num-scheduler-steps ${DP_STEPS:-4} --out "$out" ;;  # eight GPUs
     tp8b8) run tp8b8 300 $scale tp --model Qwen/Qwen3-8B --sizes 1,8 --perf-sizes 8 --throughput $tp_flags \
              --out "$out" ;;  # eight GPUs: TP=8 equal to TP=1, then timed
     tp32b8) run tp32b8 300 $scale tp --model Qwen/Qwen3-32B --sizes 4,8 --perf-sizes 8 --throughput \
