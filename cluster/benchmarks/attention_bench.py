@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 
+from cluster.benchmarks.skinny_gemm_bench import graph_us
 from workers.attention import triton_kernels as kernels
 from workers.attention.triton_backend import TritonBackend
 
@@ -206,15 +207,9 @@ def prefill_bench() -> list[dict]:
     return rows
 
 
-def _graph_us(fn, calls: int = 28) -> float:
-    """us a call of fn, from a CUDA graph of `calls` calls (a step's 28 layers), launch cost out."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return 1e3 * triton.testing.do_bench(graph.replay, return_mode="median") / calls
+def _layers_us(fn, layers: int = 28) -> float:
+    """us a call of fn, from a CUDA graph of `layers` calls (a step's 28 layers), launch cost out."""
+    return graph_us(lambda: [fn() for _ in range(layers)], layers)
 
 
 def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
@@ -236,7 +231,7 @@ def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
         for block_m, warps in [(128, 8), (64, 4), (32, 4), (32, 2)]:
             # the tile map is made once a forward, not a layer: outside the timed calls
             tile_map = kernels.prefill_tile_map(qsl, num_tokens, kernels.prefill_tokens_per_tile(group, block_m))
-            us = _graph_us(lambda: kernels.paged_prefill_attention(
+            us = _layers_us(lambda: kernels.paged_prefill_attention(
                 query, kv_cache, tables, seq_lens, qsl, HEAD_DIM ** -0.5, tile_map=tile_map,
                 num_splits=splits, split_programs=programs, block_m=block_m, num_warps=warps))
             rows.append(dict(kind="prefix_hit", tokens=num_tokens, context=context, splits=splits,
@@ -245,7 +240,7 @@ def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
     one = torch.randn(1, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     lens = torch.tensor([context + 1], dtype=torch.int32, device="cuda")
     splits = backend.num_decode_splits(1, NUM_KV_HEADS, max_model_len)
-    us = _graph_us(lambda: kernels.paged_decode_attention(one, kv_cache, tables, lens, HEAD_DIM ** -0.5, splits))
+    us = _layers_us(lambda: kernels.paged_decode_attention(one, kv_cache, tables, lens, HEAD_DIM ** -0.5, splits))
     rows.append(dict(kind="prefix_hit_decode_floor", tokens=1, context=context, splits=splits, us=us))
     print(json.dumps(rows[-1]), flush=True)
     return rows
