@@ -361,6 +361,7 @@ class Scheduler:
         return not params.stop_token_ids or set(params.stop_token_ids).isdisjoint(token_ids)
 
     def _check_stop(self, seq: Sequence, token_id: int) -> RequestStatus | None:
+        # a new stop condition here must make _no_stop_among return False too
         params = seq.sampling_params
         num_output = len(seq.output_token_ids)
         if num_output >= params.min_tokens:
