@@ -6,12 +6,14 @@ eager launches). Replaying a captured graph turns them into one launch. Each gra
 from static buffers: what lies past the live step is padding (slot -1: no KV write; seq_len 0 or
 an empty query: no reads), and padded rows are row-local garbage that nothing reads back.
 
-  DecodeGraphs:  decode-only steps, one graph per padded number of sequences.
+  DecodeGraphs:  decode-only steps, one graph per padded number of rows; also steps whose every
+                 query is short (a prefix-cache hit's few new tokens), one row per token.
   PrefillGraphs: any other step within the step budget (prefills, prefix-cache hits, chunks mixed
                  with decodes), one graph per padded number of tokens.
 Even a 16k-token prefill step is bound by its launches: on an H100 its ~300 eager launches took
 ~48 ms of host time, about as long as the whole step's span on the device (offline --trace).
 """
+import numpy as np
 import torch
 
 from workers.attention.base import AttentionMetadata
@@ -26,6 +28,25 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] < max_num_seqs:
         sizes.append(max_num_seqs)
     return sizes
+
+
+# The longest query a decode graph takes as one row per token. A row reads its whole context, so
+# q rows of one sequence read its K/V q times (from L2 after the first); the prefill kernel reads it
+# once per 64-row tile. At a few rows the decode graph wins on fixed costs instead: its attention is
+# one kernel a layer with no query tiles or split reduction to set up.
+MAX_QUERY_ROWS = 16
+
+
+def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_lens [T], block_tables [T, blocks]) that make each token of the step its own decode row.
+
+    A token at position p attends to its sequence's first p + 1 tokens, its own K/V included:
+    every layer writes the whole step's K/V to the cache before its attention reads, so a query's
+    earlier tokens are there for the later ones, as causal attention over the query needs."""
+    if len(inputs.input_ids) == len(inputs.req_ids):
+        return inputs.seq_lens, inputs.block_tables
+    rows = np.repeat(np.arange(len(inputs.req_ids)), np.diff(inputs.query_start_loc))
+    return (inputs.positions + 1).astype(np.int32), inputs.block_tables[rows]
 
 
 class DecodeGraphs:
@@ -46,6 +67,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.query_row_steps = 0  # steps that ran a query of several tokens as rows
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         # max_seq_len is the longest context any replay may see: it fixes the decode split count
@@ -53,11 +75,15 @@ class DecodeGraphs:
                                  self.block_tables[:bs], list(range(bs + 1)), [self.max_model_len] * bs,
                                  1, self.max_model_len)
 
+    def args(self, bs: int) -> tuple:
+        """The model's arguments for a graph of bs rows: views of the static buffers."""
+        return self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs)
+
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs))
+            args = self.args(bs)
             self.model(*args)  # warm-up outside the capture: Triton compiles, allocators settle
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -67,21 +93,22 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def can_run(self, inputs: StepInputs) -> bool:
-        num_seqs = len(inputs.req_ids)
-        return (num_seqs <= self.sizes[-1] and len(inputs.input_ids) == num_seqs
-                and inputs.block_tables.shape[1] <= self.block_tables.shape[1])
+        num_tokens, num_seqs = len(inputs.input_ids), len(inputs.req_ids)
+        return (num_tokens <= self.sizes[-1] and inputs.block_tables.shape[1] <= self.block_tables.shape[1]
+                and (num_tokens == num_seqs or int(np.diff(inputs.query_start_loc).max()) <= MAX_QUERY_ROWS))
 
     def run(self, inputs: StepInputs, fill=None) -> torch.Tensor:
-        """hidden states [num_seqs, H] of a decode-only step; fill(input_ids) as ModelRunner._forward."""
-        n = len(inputs.req_ids)
+        """hidden states [T, H] of the step's tokens, one row each; fill(input_ids) as ModelRunner._forward."""
+        n = len(inputs.input_ids)
         bs = next(s for s in self.sizes if s >= n)
-        width = inputs.block_tables.shape[1]
+        seq_lens, block_tables = as_decode_rows(inputs)
+        self.query_row_steps += n > len(inputs.req_ids)
         put = self.staging.put
         put(self.input_ids[:n], inputs.input_ids)
         put(self.positions[:n], inputs.positions)
         put(self.slot_mapping[:bs], inputs.slot_mapping, fill=-1)  # padding rows write no KV...
-        put(self.seq_lens[:bs], inputs.seq_lens, fill=0)  # ...and read none
-        put(self.block_tables[:n, :width], inputs.block_tables)
+        put(self.seq_lens[:bs], seq_lens, fill=0)  # ...and read none
+        put(self.block_tables[:n, :block_tables.shape[1]], block_tables)
         if fill is not None:
             fill(self.input_ids)
         self.graphs[bs].replay()

@@ -173,7 +173,7 @@ class ModelRunner:
         """fill(input_ids on the device) copies in the input tokens still on the device."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs, fill)
-            if len(inputs.logits_indices) < len(hidden):  # a 1-token prefill chunk that doesn't sample
+            if len(inputs.logits_indices) < len(hidden):  # rows of a query, or a 1-token chunk that doesn't sample
                 hidden = hidden[self._to_device(inputs.logits_indices)]
             return self.model.compute_logits(hidden)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(inputs):

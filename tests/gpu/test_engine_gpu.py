@@ -86,6 +86,32 @@ def test_multi_step_passes_replay_decode_graphs_and_match_reference_path(tiny_mo
     assert tokens == reference
 
 
+def _prefix_hits(model_dir, **kwargs):
+    """One prompt, then prompts that share its first 96 tokens with 1 to 20 new ones each, one at a
+    time so each is a prefix-cache hit: the short queries run as decode rows where graphs exist."""
+    from cluster import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), device="cuda", num_gpu_blocks=512, block_size=16, max_model_len=512,
+              max_num_seqs=16, enable_prefix_caching=True, dtype="float32", **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prefix = [(7 * j) % 5000 + 3 for j in range(96)]
+    tokens = []
+    for n in (8, 1, 4, 7, 16, 20):
+        out = llm.generate([prefix + [(11 * n + j) % 5000 + 1 for j in range(n)]], params, use_tqdm=False)[0]
+        tokens.append(out.outputs[0].token_ids)
+        assert out.metrics.num_cached_tokens == (0 if not tokens[:-1] else 96)
+    llm.engine.scheduler.block_manager.check_no_leaks()
+    return llm, tokens
+
+
+def test_prefix_hits_as_decode_rows_match_reference_path(tiny_model_dir):
+    _, expected = _prefix_hits(tiny_model_dir, attention_backend="torch", enforce_eager=True)
+    llm, tokens = _prefix_hits(tiny_model_dir, attention_backend="triton")
+    graphs = llm.engine.worker.runner.decode_graphs
+    assert graphs.query_row_steps == 3, "the hits of 4, 7 and 16 new tokens run as rows (1 is a decode, 20 too many)"
+    assert tokens == expected
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_steps_from_another_thread_run_on_the_workers_gpu():
     """A Ray actor runs its methods on several threads, and the current CUDA device is per thread.

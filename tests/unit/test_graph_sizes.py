@@ -1,4 +1,7 @@
-from workers.cuda_graphs import capture_sizes, prefill_token_sizes
+import numpy as np
+
+from workers.cuda_graphs import MAX_QUERY_ROWS, as_decode_rows, capture_sizes, prefill_token_sizes
+from workers.input_batch import StepInputs
 
 
 def test_prefill_sizes_cover_every_step_within_the_budget():
@@ -20,3 +23,32 @@ def test_prefill_sizes_cover_every_step_within_the_budget():
 def test_decode_sizes_reach_max_num_seqs():
     assert capture_sizes(256)[:5] == [1, 2, 4, 8, 16] and capture_sizes(256)[-1] == 256
     assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def _inputs(context_lens: list[int], query_lens: list[int], tables: list[list[int]]) -> StepInputs:
+    qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    positions = np.concatenate([np.arange(c, c + q) for c, q in zip(context_lens, query_lens)]).astype(np.int64)
+    block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, :len(t)] = t
+    req_ids = [f"r{i}" for i in range(len(tables))]
+    n = int(qsl[-1])
+    return StepInputs(req_ids, np.arange(n, dtype=np.int64), positions, np.zeros(n, dtype=np.int64), qsl,
+                      (np.asarray(context_lens) + np.asarray(query_lens)).astype(np.int32), block_tables,
+                      (qsl[1:] - 1).astype(np.int64), req_ids, [])
+
+
+def test_decode_rows_give_each_query_token_its_causal_context_and_its_sequences_blocks():
+    # a decode, a prefix-cache hit of 3 new tokens over 32 cached, and a 2-token chunk of a fresh prompt
+    step = _inputs([9, 32, 0], [1, 3, 2], [[5], [7, 8, 9], [4]])
+    seq_lens, tables = as_decode_rows(step)
+    assert seq_lens.tolist() == [10, 33, 34, 35, 1, 2]
+    assert tables.tolist() == [[5, 0, 0], [7, 8, 9], [7, 8, 9], [7, 8, 9], [4, 0, 0], [4, 0, 0]]
+    assert seq_lens.dtype == np.int32 and tables.dtype == np.int32
+
+
+def test_a_decode_only_step_keeps_its_rows():
+    step = _inputs([9, 40], [1, 1], [[5], [6, 7, 8]])
+    seq_lens, tables = as_decode_rows(step)
+    assert seq_lens is step.seq_lens and tables is step.block_tables
+    assert MAX_QUERY_ROWS >= 4, "a prefix-cache hit's few new tokens should fit the decode graphs"
