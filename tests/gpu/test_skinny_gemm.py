@@ -66,3 +66,62 @@ def test_linear_takes_the_skinny_gemm_up_to_max_rows_only(monkeypatch):
     monkeypatch.setattr(linear_module, "SKINNY_GEMM_ENABLED", False)
     linear_module.linear(torch.randn(2, 256, device=DEVICE).to(torch.float16), weight)
     assert calls == [1, MAX_ROWS], "FOLOVLLM_SKINNY_GEMM=0 keeps cuBLAS"
+
+
+def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    from workers.layers.triton_ops import silu_and_mul
+    return silu_and_mul(h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("m", [1, MAX_ROWS])
+def test_gated_epilogue_is_bitwise_the_separate_silu_and_mul(dtype, split_k, m):
+    n, k = (6144, 1024) if DEVICE == "cuda" else (48, 512)  # Qwen3-0.6B's gate_up; a partial column block
+    gen = torch.Generator(device=DEVICE).manual_seed(m + 3 * split_k)
+    weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(dtype)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+    unfused = _silu_and_mul(skinny_gemm(x, weight, split_k=split_k))
+    fused = skinny_gemm(x, weight, gated=True, split_k=split_k)
+    assert fused.shape == (m, n // 2)
+    assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_sums_in_a_fixed_order_whatever_the_rows(dtype, split_k):
+    n, k = (1024, 3072) if DEVICE == "cuda" else (40, 1024)  # Qwen3-0.6B's down; a partial column block
+    gen = torch.Generator(device=DEVICE).manual_seed(split_k)
+    weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(dtype)
+    x = torch.randn(MAX_ROWS, k, generator=gen, device=DEVICE).to(dtype)
+    out = skinny_gemm(x, weight, split_k=split_k)
+    _within_one_rounding(out, x.float() @ weight.float().T)
+    for _ in range(3):  # same result each call, and row 0 alone gives row 0's result
+        assert torch.equal(skinny_gemm(x, weight, split_k=split_k), out)
+    assert torch.equal(skinny_gemm(x[:1], weight, split_k=split_k), out[:1])
+    assert not skinny_module._counters[x.device].any(), \
+        "the last slice of each column block rearms its counter"
+
+
+def test_split_k_falls_back_to_one_slice_when_k_does_not_divide():
+    weight = torch.randn(32, 300, device=DEVICE).to(torch.float16)
+    x = torch.randn(2, 300, device=DEVICE).to(torch.float16)
+    assert torch.equal(skinny_gemm(x, weight, split_k=2), skinny_gemm(x, weight, split_k=1))
+
+
+def test_mlp_takes_the_gated_gemm_on_few_rows_only(monkeypatch):
+    from workers.layers.activation import SiluAndMul
+
+    weight = (torch.randn(64, 256, device=DEVICE) * 0.05).to(torch.float16)
+    xs = [torch.randn(rows, 256, device=DEVICE).to(torch.float16) for rows in (1, MAX_ROWS + 1)]
+    expected = [_silu_and_mul(linear_module.linear(x, weight)) for x in xs]
+    calls = []
+
+    def counting(x, weight, **kwargs):
+        calls.append((x.shape[0], kwargs.get("gated", False)))
+        return skinny_gemm(x, weight, **kwargs)
+
+    monkeypatch.setattr(skinny_module, "skinny_gemm", counting)
+    for x, want in zip(xs, expected):
+        assert torch.equal(linear_module.linear_silu_and_mul(x, weight, SiluAndMul()), want)
+    assert calls == [(1, True)], "the gated GEMM on few rows; past MAX_ROWS cuBLAS and the separate kernel"
