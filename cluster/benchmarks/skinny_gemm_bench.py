@@ -4,11 +4,9 @@ Qwen3-0.6B's projection shapes and its lm_head.
 Each timing replays a CUDA graph of 28 calls of one shape (two for the lm_head), each on its own
 weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, as in a decode
 step. floor_us is the weight's bytes at --copy-tbps. --sweep also times every (BLOCK_N, BLOCK_K,
-warps, stages) in a grid and prints the four fastest with their error against cuBLAS. --splits
-times each shape at those split-K counts (split_us). The gate_up shape also times the gated
-GEMM (silu-mul in its epilogue) against the GEMM plus the separate silu-mul kernel.
+warps, stages) in a grid and prints the four fastest with their error against cuBLAS.
 
-  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep] [--splits 1,2,4]
+  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep]
 """
 import argparse
 import itertools
@@ -19,7 +17,6 @@ import torch.nn.functional as F
 import triton
 
 from workers.layers.skinny_gemm import skinny_gemm
-from workers.layers.triton_ops import silu_and_mul
 
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
           "lm_head": (151936, 1024)}  # (N, K)
@@ -39,7 +36,6 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,16")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--splits", default="", help="split-K counts to time each shape at, e.g. 1,2,4")
     p.add_argument("--copy-tbps", type=float, default=3.0, help="for floor_us (an H100's copy: ~3.0)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -61,16 +57,6 @@ def main(argv=None) -> None:
                    "n": n, "k": k, "floor_us": n * k * 2 / (args.copy_tbps * 1e6),
                    "cublas_us": graph_us(lambda: [torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)], calls)}
             row["skinny_us"], row["rel_err_vs_cublas"] = time_config()
-            if args.splits:
-                row["split_us"] = {s: time_config(split_k=int(s))[0] for s in args.splits.split(",")}
-            if name == "gate_up":
-                acts = [torch.empty(m, n // 2, dtype=dtype, device="cuda") for _ in weights]
-                row["gate_up_silu_us"] = graph_us(lambda: [silu_and_mul(skinny_gemm(x, w, out=o), out=a)
-                                                           for w, o, a in zip(weights, outs, acts)], calls)
-                for s in (args.splits.split(",") if args.splits else ["0"]):
-                    row[f"gated_split{s}_us"] = graph_us(
-                        lambda: [skinny_gemm(x, w, out=a, gated=True, split_k=int(s) or None)
-                                 for w, a in zip(weights, acts)], calls)
             if args.sweep:
                 timed = sorted((*time_config(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns), bn, bk, nw, ns)
                                for bn, bk, nw, ns in SWEEP if bk <= k)

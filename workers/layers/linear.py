@@ -20,29 +20,16 @@ _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 SKINNY_MAX_ROWS = 16  # workers/layers/skinny_gemm.MAX_ROWS, here so that this module imports without Triton
 
 
-def _takes_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (SKINNY_GEMM_ENABLED and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
-            and x.stride(-1) == 1 and x.dtype in _SKINNY_DTYPES and weight.is_contiguous()
-            and fused_ops_for(x, weight) is not None)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; x [T, in] of at most 16 rows on CUDA goes through the skinny Triton GEMM
     (workers/layers/skinny_gemm.py): batch-1..16 decode steps and small prefix-cache hits, where
     it took Qwen3-0.6B's layer from 27.3 to 25.1 us and its lm_head from 117 to 107 us (H100)."""
-    if _takes_skinny_gemm(x, weight, bias):
+    if (SKINNY_GEMM_ENABLED and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
+            and x.stride(-1) == 1 and x.dtype in _SKINNY_DTYPES and weight.is_contiguous()
+            and fused_ops_for(x, weight) is not None):
         from workers.layers.skinny_gemm import skinny_gemm
         return skinny_gemm(x, weight)
     return F.linear(x, weight, bias)
-
-
-def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
-    """act_fn(linear(x, weight)) for a packed [gate | up] weight and SiluAndMul; on the skinny
-    GEMM's rows the silu-mul is its epilogue, bitwise the same and one launch fewer a layer."""
-    if _takes_skinny_gemm(x, weight, None):
-        from workers.layers.skinny_gemm import skinny_gemm
-        return skinny_gemm(x, weight, gated=True)
-    return act_fn(F.linear(x, weight))
 
 
 class LinearBase(nn.Module):
@@ -98,11 +85,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = divide(sum(self.output_sizes[:shard_id]), self.tp_size)
         size = divide(self.output_sizes[shard_id], self.tp_size)
         param.data.narrow(0, offset, size).copy_(self._shard(loaded_weight, 0, size))
-
-    def forward_silu_and_mul(self, x: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
-        """act_fn(forward(x)) for a [gate, up] pair (SiluAndMul), fused where the GEMM can."""
-        assert len(self.output_sizes) == 2 and self.bias is None
-        return linear_silu_and_mul(x, self.weight, act_fn)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

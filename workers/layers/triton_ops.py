@@ -107,19 +107,6 @@ def _qk_norm_rope_kernel(
 
 
 @triton.jit
-def silu_mul(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up as torch computes it on dtype tensors, from their float32 values: F.silu is
-    x / (1 + expf(-x)) in float32, rounded to dtype; then the product, rounded again. (Also the
-    skinny GEMM's gated epilogue: launch with enable_fp_fusion=False.)"""
-    if _LIBDEVICE:
-        exp_neg = libdevice.exp(-gate)
-    else:
-        exp_neg = tl.exp(-gate)
-    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype)
-    return (silu.to(tl.float32) * up).to(dtype)
-
-
-@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -127,7 +114,13 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I, BLOCK: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * I + cols, silu_mul(gate, up, dtype), mask=mask)
+    # F.silu: x / (1 + expf(-x)) in float32, rounded to dtype; then the product, rounded again
+    if _LIBDEVICE:
+        exp_neg = libdevice.exp(-gate)
+    else:
+        exp_neg = tl.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype)
+    tl.store(out_ptr + row * I + cols, (silu.to(tl.float32) * up).to(dtype), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
