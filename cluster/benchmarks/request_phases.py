@@ -12,8 +12,9 @@ out as warm-up):
   sample0 / sample1     the sampler's launch
   wait0 / tokens        waiting for the device, and the tokens back on the host
   total     generate returned (the outputs applied)
-Then each graph of the prefill and decode sets that the request sizes use is replayed alone after
-a sync: the host's launch time, and the device's span between events around it. On the CPU the
+Then the graphs the requests replayed (the warm hit's decode rows, the cold prompt's prefill, and
+a batch-1 decode) are replayed alone after a sync: the host's launch time, and the device's span
+between events around it. On the CPU the
 wrappers still run, without the graph probe.
 """
 import argparse
@@ -110,10 +111,11 @@ def main(argv=None) -> None:
     if runner.prefill_graphs is None:
         llm.shutdown()
         return
-    warm_size = next(t for t in runner.prefill_graphs.sizes if t >= 4)
+    # the graphs the last requests replayed, whose buffers still hold their steps: the warm hit's
+    # 4 tokens ran as decode rows (cuda_graphs.MAX_QUERY_ROWS), the cold prompt as a prefill
     cold_size = next(t for t in runner.prefill_graphs.sizes if t >= args.prefix_len + 4)
-    for label, graphs, size in (("prefill", runner.prefill_graphs, warm_size),
-                                ("prefill", runner.prefill_graphs, cold_size),
+    for label, graphs, size in (("decode rows (warm)", runner.decode_graphs, 4),
+                                ("prefill (cold)", runner.prefill_graphs, cold_size),
                                 ("decode", runner.decode_graphs, 1)):
         print(json.dumps({"bench": "graph_replay", "graphs": label, "size": size,
                           **_probe_graph(graphs.graphs[size])}))
