@@ -32,9 +32,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 # The longest query a decode graph takes as one row per token. A row reads its whole context, so
 # q rows of one sequence read its K/V q times (from L2 after the first); the prefill kernel reads it
-# once per 64-row tile. At a few rows the decode graph wins on fixed costs instead: its attention is
-# one kernel a layer with no query tiles or split reduction to set up.
-MAX_QUERY_ROWS = 16
+# once per 128-row tile but pays for a split and a merge on a few tokens. 4 rows over a 2k context:
+# 10.4 us a layer against 14.7 for the split prefill and its merge (H100, s8-call3); at 1 row the
+# decode kernel takes 7.7, so near 8-10 rows the two cross.
+MAX_QUERY_ROWS = 8
 
 
 def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:

@@ -78,4 +78,4 @@ def test_decode_graphs_refuse_long_queries_and_too_many_rows(model_and_config):
     assert not graphs.can_run(_step(rng, [100], [MAX_QUERY_ROWS + 1])), "a longer query goes to the prefill graphs"
     assert graphs.can_run(_step(rng, list(range(32)), [1] * 32))
     assert not graphs.can_run(_step(rng, list(range(33)), [1] * 33)), "33 rows exceed the largest graph"
-    assert not graphs.can_run(_step(rng, [100, 100, 100], [12, 12, 12])), "36 rows exceed the largest graph"
+    assert not graphs.can_run(_step(rng, [60] * 5, [MAX_QUERY_ROWS] * 5)), "40 rows exceed the largest graph"

@@ -88,7 +88,7 @@ def test_multi_step_passes_replay_decode_graphs_and_match_reference_path(tiny_mo
 
 def _prefix_hits(model_dir, **kwargs):
     """One prompt, then prompts that share its first 96 tokens with 1 to 20 new ones each, one at a
-    time so each is a prefix-cache hit: the short queries run as decode rows where graphs exist."""
+    time so each is a prefix-cache hit: queries of 2 to MAX_QUERY_ROWS (8) tokens run as decode rows."""
     from cluster import LLM, SamplingParams
 
     llm = LLM(str(model_dir), device="cuda", num_gpu_blocks=512, block_size=16, max_model_len=512,
@@ -96,7 +96,7 @@ def _prefix_hits(model_dir, **kwargs):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prefix = [(7 * j) % 5000 + 3 for j in range(96)]
     tokens = []
-    for n in (8, 1, 4, 7, 16, 20):
+    for n in (8, 1, 4, 8, 16, 20):
         out = llm.generate([prefix + [(11 * n + j) % 5000 + 1 for j in range(n)]], params, use_tqdm=False)[0]
         tokens.append(out.outputs[0].token_ids)
         assert out.metrics.num_cached_tokens == (0 if not tokens[:-1] else 96)
@@ -108,7 +108,7 @@ def test_prefix_hits_as_decode_rows_match_reference_path(tiny_model_dir):
     _, expected = _prefix_hits(tiny_model_dir, attention_backend="torch", enforce_eager=True)
     llm, tokens = _prefix_hits(tiny_model_dir, attention_backend="triton")
     graphs = llm.engine.worker.runner.decode_graphs
-    assert graphs.query_row_steps == 3, "the hits of 4, 7 and 16 new tokens run as rows (1 is a decode, 20 too many)"
+    assert graphs.query_row_steps == 2, "the hits of 4 and 8 new tokens run as rows (1 is a decode; 16, 20 prefill)"
     assert tokens == expected
 
 
