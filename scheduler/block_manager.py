@@ -21,13 +21,17 @@ def hash_block(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
 
 def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int) -> list[bytes]:
     """hash_block over consecutive full blocks, chained from parent_hash: the one definition of
-    the chain. The ids are packed once (int64: any token id fits) and sliced as bytes: a 2k-token
-    prompt's 128 hashes take ~0.1 ms instead of ~0.15."""
-    data, width = array("q", token_ids).tobytes(), 8 * block_size
+    the chain. The ids are packed once and sliced as bytes: a 2k-token prompt's 128 hashes take
+    ~0.1 ms instead of ~0.15. int32, which every token id fits (the entry points check them against
+    the vocabulary): a 16-token block and its parent hash are then 80 bytes, one blake2b
+    compression, where int64's 144 took two (0.37 against 0.52 us a block)."""
+    data, width = array("i", token_ids).tobytes(), 4 * block_size
     hashes = []
+    append, blake2b = hashes.append, hashlib.blake2b
+    parent_hash = parent_hash or b""
     for start in range(0, len(data) - width + 1, width):
-        parent_hash = hashlib.blake2b((parent_hash or b"") + data[start:start + width], digest_size=16).digest()
-        hashes.append(parent_hash)
+        parent_hash = blake2b(parent_hash + data[start:start + width], digest_size=16).digest()
+        append(parent_hash)
     return hashes
 
 
