@@ -84,12 +84,12 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        blocks, cached = [], self.cached_blocks
-        for block_hash in self._seq_block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
-            block_id = cached.get(block_hash)
-            if block_id is None:
-                break
-            blocks.append(block_id)
+        # every hash looked up at C speed, then cut at the first miss: a per-block Python loop
+        # cost ~25 us of a 2k-token prefix hit
+        hashes = self._seq_block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        blocks = list(map(self.cached_blocks.get, hashes))
+        if None in blocks:
+            del blocks[blocks.index(None):]
         return blocks
 
     def num_cached_tokens(self, token_ids: list[int]) -> int:
@@ -128,7 +128,7 @@ class BlockManager:
         """Could seq hold num_tokens tokens in total, after taking computed_blocks from the cache?"""
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(computed_blocks)
         # a cached block nobody references sits in the free pool: taking it uses up a free block
-        num_revived = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)
+        num_revived = list(map(self.ref_counts.__getitem__, computed_blocks)).count(0)
         return max(num_new, 0) + num_revived <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int, computed_blocks: list[int] | None = None) -> list[int]:
@@ -143,8 +143,7 @@ class BlockManager:
             if self.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += len(computed_blocks) * self.block_size
-            for block_id in computed_blocks:
-                self._take(block_id)
+            self._take(computed_blocks)
             new_block_ids.extend(computed_blocks)
             self._num_hashed_blocks[seq.seq_id] = len(computed_blocks)
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(new_block_ids)
@@ -160,28 +159,31 @@ class BlockManager:
         assert not child.block_ids, f"{child.seq_id} already holds blocks"
         assert num_blocks * self.block_size <= parent.num_computed_tokens, "only computed full blocks are shared"
         child.block_ids = parent.block_ids[:num_blocks]
-        for block_id in child.block_ids:
-            self._take(block_id)
+        self._take(child.block_ids)
         # the parent registered whatever of these it could; the child never re-registers them
         self._num_hashed_blocks[child.seq_id] = num_blocks
 
     def free(self, seq: Sequence) -> None:
         # Tail first, so a prefix's head is the most recently freed and the last evicted:
         # evicting the head would make the rest of the chain unreachable anyway.
+        ref_counts, block_hash = self.ref_counts, self.block_hash  # bound: ~130 blocks a 2k-token prompt
         for block_id in reversed(seq.block_ids):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                if self.block_hash[block_id] is None:
+            ref_counts[block_id] -= 1
+            if ref_counts[block_id] == 0:
+                if block_hash[block_id] is None:
                     self.free_uncached.append(block_id)
                 else:
                     self.free_cached[block_id] = None
         seq.block_ids = []
         self._num_hashed_blocks.pop(seq.seq_id, None)
 
-    def _take(self, block_id: int) -> None:
-        if self.ref_counts[block_id] == 0:
-            del self.free_cached[block_id]
-        self.ref_counts[block_id] += 1
+    def _take(self, block_ids: list[int]) -> None:
+        """One more reference to each block; a block nobody referenced leaves the free pool."""
+        ref_counts, free_cached = self.ref_counts, self.free_cached
+        for block_id in block_ids:
+            if ref_counts[block_id] == 0:
+                del free_cached[block_id]
+            ref_counts[block_id] += 1
 
     def _pop_free(self) -> int:
         if self.free_uncached:
