@@ -103,8 +103,10 @@ class IncrementalDetokenizer:
             return ""  # e.g. only skipped special tokens so far; the window keeps them
         if text.endswith(_REPLACEMENT) and not flush:
             return ""  # the last token ends part-way through a UTF-8 character
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
         new_text = text[len(self._prefix_text):]
+        if flush:  # the sequence ends here (append marks it finished): no later window follows
+            return new_text
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
         self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
         return new_text
 
