@@ -18,7 +18,7 @@ from workers.input_batch import CachedRequestState, InputBatch, StepInputs
 from workers.kv_cache import allocate_kv_caches
 from workers.multi_step import MultiStepHandle, split_passes
 from workers.parallel import TensorParallelGroup
-from workers.pinned_staging import PinnedStaging, step_input_bytes
+from workers.pinned_staging import PinnedStaging, TokenBuffers, step_input_bytes
 from workers.sampler import Sampler, SamplingTensors
 from workers.weight_loader import load_model, resolve_dtype
 
@@ -47,6 +47,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.staging: PinnedStaging | None = None  # the step inputs' host memory, pinned on CUDA
+        self.token_buffers = TokenBuffers(scheduler_config.max_num_seqs, pinned=device.type == "cuda")
         self._inflight: StepHandle | MultiStepHandle | None = None  # the last launched step, until collected
         self._uncollected: deque[StepHandle] = deque()  # launched passes not yet collected, oldest first
 
@@ -229,9 +230,11 @@ class StepHandle:
         if runner is not None:
             runner._uncollected.append(self)
         self._host = token_ids
+        self._buffer = None  # runner.token_buffers' buffer behind _host, given back once read
         self._event = None
         if token_ids is not None and token_ids.is_cuda:
-            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._buffer = runner.token_buffers.take(len(token_ids))
+            self._host = self._buffer[:len(token_ids)]
             self._host.copy_(token_ids, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
@@ -263,6 +266,9 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
         sampled = self._host.tolist()
+        if self._buffer is not None:
+            self.runner.token_buffers.give_back(self._buffer)
+            self._host = self._buffer = None
         for state, token in zip(self.states, sampled):
             state.output_token_ids.append(token)  # a state dropped meanwhile is simply left behind
             state.num_pending -= 1
