@@ -96,8 +96,9 @@ class SamplingTensors:
         pin = device.type == "cuda"  # pinned host memory makes the non_blocking copies truly async
         V = vocab_size
         n = len(states)
-        floats = np.empty((6, n), dtype=np.float32)  # temperature, top_p, min_p, rep, presence, freq
-        ints = np.empty((2, n), dtype=np.int64)  # top_k, is_greedy
+        # rows gathered as tuples and converted in one call each: assigning a column per row cost
+        # ~1 us a row
+        float_rows, int_rows = [], []  # (temperature, top_p, min_p, rep, presence, freq), (top_k, is_greedy)
         seeded_rows, mask_flat, rep_rows, pen_rows = [], [], [], []
         num_logprobs, max_top_k = [], 0
         for i, s in enumerate(states):
@@ -106,9 +107,9 @@ class SamplingTensors:
             top_k = min(p.top_k, V) if p.top_k > 0 else V
             if not greedy and top_k < V:
                 max_top_k = max(max_top_k, top_k)
-            floats[:, i] = (1.0 if greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
-                            p.presence_penalty, p.frequency_penalty)
-            ints[:, i] = (top_k, greedy)
+            float_rows.append((1.0 if greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                               p.presence_penalty, p.frequency_penalty))
+            int_rows.append((top_k, greedy))
             if p.seed is not None and not greedy:
                 seeded_rows.append((i, row_seed(p.seed, s.sibling_index, len(s.output_token_ids))))
             if len(s.output_token_ids) < p.min_tokens:
@@ -132,11 +133,14 @@ class SamplingTensors:
                 a[r, :len(seqs[r])] = seqs[r]
             return to_device(a)
 
-        random_rows = [i for i in range(n) if not ints[1, i]]
+        random_rows = [i for i, (_, greedy) in enumerate(int_rows) if not greedy]
         logprob_rows = [i for i, x in enumerate(num_logprobs) if x is not None]
         argmax_only = not random_rows and not mask_flat and not pen_rows and not logprob_rows
-        f = [None] * len(floats) if argmax_only else to_device(floats)
-        k = [None] * len(ints) if argmax_only else to_device(ints)
+        f, k = [None] * 6, [None] * 2
+        if not argmax_only:
+            floats = np.array(float_rows, dtype=np.float32).reshape(n, 6).T.copy()  # [6, N]
+            f = to_device(floats)
+            k = to_device(np.array(int_rows, dtype=np.int64).reshape(n, 2).T.copy())  # [2, N]
         return cls(
             temperature=f[0], top_p=f[1], min_p=f[2],
             repetition_penalty=f[3], presence_penalty=f[4], frequency_penalty=f[5],
@@ -154,9 +158,10 @@ class SamplingTensors:
             all_random=len(random_rows) == n,
             needs_top_k=max_top_k > 0,
             max_top_k=max_top_k,
-            all_top_k=bool(random_rows) and all(ints[0, i] < V for i in random_rows),
-            needs_top_p=any(floats[1, i] < 1.0 for i in random_rows),
-            needs_min_p=any(floats[2, i] > 0.0 for i in random_rows),
+            all_top_k=bool(random_rows) and all(int_rows[i][0] < V for i in random_rows),
+            # compared in float32, as the device sees them; random rows mean floats was built
+            needs_top_p=bool(random_rows) and any(floats[1, i] < 1.0 for i in random_rows),
+            needs_min_p=bool(random_rows) and any(floats[2, i] > 0.0 for i in random_rows),
             max_num_logprobs=max([num_logprobs[i] for i in logprob_rows], default=-1),
         )
 
