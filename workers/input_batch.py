@@ -4,6 +4,7 @@ The scheduler sends a sequence in full once (NewRequestData) and then only what 
 (new block ids, num_computed_tokens). The worker appends the tokens it samples itself, so the
 next step's input token never has to cross the actor boundary.
 """
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,8 +73,10 @@ class InputBatch:
         for req_id in step.finished_req_ids:
             self.requests.pop(req_id, None)
         for new in step.scheduled_new_reqs:
+            # the prompt is shared, never copied: no one mutates a prompt (scheduler.request), and
+            # copying a long one cost more than the rest of the update; outputs and blocks grow here
             self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                new.req_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params,
                 new.sibling_index, list(new.block_ids), new.num_computed_tokens)
         cached = step.scheduled_cached_reqs
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
@@ -83,23 +86,23 @@ class InputBatch:
 
     def prepare(self, step: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        req_ids = list(step.num_scheduled_tokens)
+        counts = step.num_scheduled_tokens
+        req_ids = list(counts)
         states = [self.requests[r] for r in req_ids]
-        num_tokens = np.fromiter((step.num_scheduled_tokens[r] for r in req_ids), np.int64, len(req_ids))
-        query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int32)
-        np.cumsum(num_tokens, out=query_start_loc[1:])
-        total = int(query_start_loc[-1])
+        # per-sequence values stay Python ints in the loop and become arrays once after it:
+        # numpy scalar reads and writes cost more than the rest of a decode's row
+        starts = list(itertools.accumulate(counts.values(), initial=0))  # [S + 1] query starts
+        total = starts[-1]
         input_ids = np.empty(total, dtype=np.int64)
-        seq_lens = np.empty(len(req_ids), dtype=np.int32)
+        seq_lens = []
         max_blocks = max((len(s.block_ids) for s in states), default=1)
         block_tables = np.zeros((len(req_ids), max(max_blocks, 1)), dtype=np.int32)
         logits_indices, sampling_req_ids, pending_inputs = [], [], []
-        for i, state in enumerate(states):
-            n = int(num_tokens[i])
-            start, end, lo = state.num_computed_tokens, state.num_computed_tokens + n, int(query_start_loc[i])
-            if start >= state.num_tokens:  # only a decode is scheduled past the known tokens: its
+        for i, (state, n, lo) in enumerate(zip(states, counts.values(), starts)):
+            start, end, num_known = state.num_computed_tokens, state.num_computed_tokens + n, state.num_tokens
+            if start >= num_known:  # only a decode is scheduled past the known tokens: its
                 # input is the newest token sampled, by a pass still in flight
-                assert start == state.num_tokens + state.num_pending - 1 and n == 1, \
+                assert start == num_known + state.num_pending - 1 and n == 1, \
                     f"{state.req_id}: scheduled past its tokens"
                 input_ids[lo] = 0
                 pending_inputs.append((lo, state.req_id))
@@ -107,11 +110,14 @@ class InputBatch:
                 input_ids[lo] = state.token_at(start)
             else:
                 input_ids[lo:lo + n] = state.token_slice(start, end)
-            seq_lens[i] = end
+            seq_lens.append(end)
             block_tables[i, :len(state.block_array)] = state.block_array
-            if end == state.num_tokens + state.num_pending:  # caught up: the last logits give the next token
+            if end == num_known + state.num_pending:  # caught up: the last logits give the next token
                 logits_indices.append(lo + n - 1)
                 sampling_req_ids.append(state.req_id)
+        num_tokens = np.fromiter(counts.values(), np.int64, len(req_ids))
+        query_start_loc = np.array(starts, dtype=np.int32)
+        seq_lens = np.array(seq_lens, dtype=np.int32)
         row_of_token = np.repeat(np.arange(len(req_ids)), num_tokens)
         # position of each token: its sequence's first new position plus its offset in the query
         positions = (np.arange(total) - query_start_loc[row_of_token] + (seq_lens - num_tokens)[row_of_token])
