@@ -45,6 +45,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model = resolve(config)
+        self.vocab_size = self.model.hf_config.vocab_size  # read per request; a config attribute costs ~1 us
         self.tokenizer = load_tokenizer(self.model.tokenizer_name, config.model.revision)
         self.worker: Worker | None = None
         if config.wants_ray:
@@ -73,7 +74,7 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return check_token_ids(prompt, self.model.hf_config.vocab_size)
+        return check_token_ids(prompt, self.vocab_size)
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
@@ -87,7 +88,7 @@ class LLMEngine:
         now = time.monotonic()
         for prompt, params, request_id in zip(prompts, sampling_params, request_ids):
             params = params or SamplingParams()
-            params.check_vocab(self.model.hf_config.vocab_size)
+            params.check_vocab(self.vocab_size)
             request_id = request_id if request_id is not None else str(next(self._ids))
             token_ids = self.tokenize(prompt)
             batch.append((request_id, token_ids, params, priority, now))

@@ -201,7 +201,7 @@ class ModelRunner:
         """Token ids [N] still on the device, and logprobs lists (None where not asked)."""
         if not states:
             return torch.empty(0, dtype=torch.long, device=self.device), []
-        tensors = SamplingTensors.from_states(states, self.hf_config.vocab_size, self.device,
+        tensors = SamplingTensors.from_states(states, self.sampler.vocab_size, self.device,
                                              self.eos_token_ids)
         out = self.sampler(logits, tensors)
         logprobs = out.logprobs if out.logprobs is not None else [None] * len(states)
