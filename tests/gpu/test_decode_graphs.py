@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gpu.triton_device import triton_device
-
-DEVICE = triton_device()
-
-pytest.importorskip("triton")
-from tests.gpu.test_prefill_graphs import (BLOCK_SIZE, MAX_MODEL_LEN, NUM_BLOCKS, _eager, _staging,  # noqa: E402
-                                           _step, model_and_config)
-from workers.cuda_graphs import MAX_QUERY_ROWS, DecodeGraphs  # noqa: E402
-from workers.kv_cache import allocate_kv_caches  # noqa: E402
+from tests.gpu.graph_steps import (DEVICE, MAX_MODEL_LEN, BLOCK_SIZE, check_step_against_eager, make_staging,
+                                   make_step, model_and_config, twin_caches)
+from workers.cuda_graphs import MAX_QUERY_ROWS, DecodeGraphs
 
 pytestmark = [pytest.mark.gpu]
-__all__ = ["model_and_config"]  # the shared module-scoped fixture
+__all__ = ["model_and_config"]  # the module-scoped fixture of tests.gpu.graph_steps
 
 
 class _EagerReplay:
@@ -36,13 +30,9 @@ class _EagerReplay:
 @torch.inference_mode()
 def test_short_queries_as_decode_rows_match_the_eager_prefill(model_and_config):
     model, hf_config = model_and_config
-    torch.manual_seed(0)
-    kv_eager = allocate_kv_caches(hf_config, NUM_BLOCKS, BLOCK_SIZE, torch.float32, torch.device(DEVICE))
-    for cache in kv_eager:  # cached context to attend over
-        cache.normal_()
-    kv_graph = [c.clone() for c in kv_eager]
+    kv_eager, kv_graph = twin_caches(hf_config)
     graphs = DecodeGraphs(model, kv_graph, max_num_seqs=32, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
-                          device=torch.device(DEVICE), staging=_staging(256, 32))
+                          device=torch.device(DEVICE), staging=make_staging(256, 32))
     if DEVICE == "cuda":
         graphs.capture()
     else:
@@ -56,26 +46,20 @@ def test_short_queries_as_decode_rows_match_the_eager_prefill(model_and_config):
         ([0, 5], [3, 2]),  # fresh short prompts: a query attends only to itself
     ]
     for ctx, q in steps:
-        step = _step(rng, ctx, q)
+        step = make_step(rng, ctx, q)
         assert graphs.can_run(step)
         before = graphs.query_row_steps
-        graphs.staging.begin_step()
-        hidden = graphs.run(step).clone()
-        graphs.staging.end_step()
+        check_step_against_eager(graphs, model, step, kv_eager, kv_graph)
         assert graphs.query_row_steps == before + (max(q) > 1)
-        expected = _eager(model, step, kv_eager)
-        torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
-        for got, want in zip(kv_graph, kv_eager):  # padding wrote nowhere; real tokens where eager did
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_graphs_refuse_long_queries_and_too_many_rows(model_and_config):
     model, _ = model_and_config
     graphs = DecodeGraphs(model, [], max_num_seqs=32, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
-                          device=torch.device(DEVICE), staging=_staging(256, 32))
+                          device=torch.device(DEVICE), staging=make_staging(256, 32))
     rng = np.random.default_rng(1)
-    assert graphs.can_run(_step(rng, [100, 0], [MAX_QUERY_ROWS, 1]))
-    assert not graphs.can_run(_step(rng, [100], [MAX_QUERY_ROWS + 1])), "a longer query goes to the prefill graphs"
-    assert graphs.can_run(_step(rng, list(range(32)), [1] * 32))
-    assert not graphs.can_run(_step(rng, list(range(33)), [1] * 33)), "33 rows exceed the largest graph"
-    assert not graphs.can_run(_step(rng, [60] * 5, [MAX_QUERY_ROWS] * 5)), "40 rows exceed the largest graph"
+    assert graphs.can_run(make_step(rng, [100, 0], [MAX_QUERY_ROWS, 1]))
+    assert not graphs.can_run(make_step(rng, [100], [MAX_QUERY_ROWS + 1])), "a longer query goes to the prefill graphs"
+    assert graphs.can_run(make_step(rng, list(range(32)), [1] * 32))
+    assert not graphs.can_run(make_step(rng, list(range(33)), [1] * 33)), "33 rows exceed the largest graph"
+    assert not graphs.can_run(make_step(rng, [60] * 5, [MAX_QUERY_ROWS] * 5)), "40 rows exceed the largest graph"
