@@ -9,6 +9,7 @@ out as warm-up):
   launch0   the scheduler is done and the worker starts the step (request checks, the prefix
             lookup, scheduling)
   forward0 / forward1   the forward's launch: inputs to the device, graph replay, lm_head
+  replay0 / replay1     the graph replay's launch within it (CUDA only)
   sample0 / sample1     the sampler's launch
   wait0 / tokens        waiting for the device, and the tokens back on the host
   total     generate returned (the outputs applied)
@@ -48,6 +49,8 @@ def _stamping():
     wrapped = [(mr.ModelRunner, "launch", "launch0", "launch1", False),
                (mr.ModelRunner, "_forward", "forward0", "forward1", False),
                (mr.ModelRunner, "_sample", "sample0", "sample1", False),
+               # the graph's launch alone: in a request it has looked far slower than replayed alone
+               (torch.cuda.CUDAGraph, "replay", "replay0", "replay1", False),
                # result() is called again once collected: the first call is the wait
                (mr.StepHandle, "result", "wait0", "tokens", True)]
     originals = [(cls, name, getattr(cls, name)) for cls, name, *_ in wrapped]
