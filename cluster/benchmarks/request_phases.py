@@ -15,7 +15,7 @@ out as warm-up):
   total     generate returned (the outputs applied)
 Then the graphs the requests replayed (the warm hit's decode rows, the cold prompt's prefill, and
 a batch-1 decode) are replayed alone after a sync: the host's launch time, and the device's span
-between events around it. On the CPU the
+between events around it; with --kernels, also each graph's kernels by name (count, us each). On the CPU the
 wrappers still run, without the graph probe.
 """
 import argparse
@@ -79,12 +79,32 @@ def _probe_graph(graph) -> dict:
             "device_span_ms": statistics.median(r[1] for r in rows[2:])}
 
 
+def _graph_kernels(graph, replays: int = 5) -> dict:
+    """Each kernel of one replay, by name: count and microseconds (torch.profiler over replays)."""
+    graph.replay()
+    sync_device()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync_device()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_kernel: dict[str, list] = {}
+    for e in events:
+        entry = per_kernel.setdefault(e.name[:80], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.end - e.time_range.start
+    return {"busy_us": sum(us for _, us in per_kernel.values()) / replays,
+            "kernels": {name: {"count": n // replays, "us_each": round(us / n, 2)}
+                        for name, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
     p.add_argument("--prefix-len", type=int, default=2048)
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--kernels", action="store_true", help="also each probed graph's kernels (torch.profiler)")
     args = p.parse_args(argv)
 
     from cluster.llm import LLM
@@ -120,8 +140,10 @@ def main(argv=None) -> None:
     for label, graphs, size in (("decode rows (warm)", runner.decode_graphs, 4),
                                 ("prefill (cold)", runner.prefill_graphs, cold_size),
                                 ("decode", runner.decode_graphs, 1)):
-        print(json.dumps({"bench": "graph_replay", "graphs": label, "size": size,
-                          **_probe_graph(graphs.graphs[size])}))
+        row = {"bench": "graph_replay", "graphs": label, "size": size, **_probe_graph(graphs.graphs[size])}
+        if args.kernels:
+            row.update(_graph_kernels(graphs.graphs[size]))
+        print(json.dumps(row))
     llm.shutdown()
 
 
