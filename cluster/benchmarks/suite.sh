@@ -42,7 +42,7 @@ for stage in "$@"; do
     gpu_profile) run gpu_profile 120 $offline throughput --trace --gpu-profile --out "$out" ;;
     latency) run latency 60 $offline latency --out "$out" ;;
     prefix) run prefix 45 $offline prefix --out "$out" ;;
-    phases) run phases 90 python -m cluster.benchmarks.request_phases ;;
+    phases) run phases 90 python -m cluster.benchmarks.request_phases --kernels ;;
     skinny) run skinny 150 python -m cluster.benchmarks.skinny_gemm_bench --rows 1,4,16 ;;
     attention) run attention 150 python -m cluster.benchmarks.attention_bench --out-dir "$out" ;;
     prefixhit) run prefixhit 120 python -m cluster.benchmarks.attention_bench --no-grid --prefix-hit \
