@@ -71,6 +71,14 @@ def twin_caches(hf_config) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return kv_eager, [c.clone() for c in kv_eager]
 
 
+def capture_or_stand_in(graphs, stand_in) -> None:
+    """Capture every size on CUDA; under the interpreter, stand_in(graphs, size) replays eagerly."""
+    if DEVICE == "cuda":
+        graphs.capture()
+    else:
+        graphs.graphs = {size: stand_in(graphs, size) for size in graphs.sizes}
+
+
 def _eager(model, step: StepInputs, kv_caches) -> torch.Tensor:
     def dev(a):
         return torch.from_numpy(a).to(DEVICE)

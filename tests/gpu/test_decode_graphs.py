@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gpu.graph_steps import (DEVICE, MAX_MODEL_LEN, BLOCK_SIZE, check_step_against_eager, make_staging,
-                                   make_step, model_and_config, twin_caches)
+from tests.gpu.graph_steps import (DEVICE, MAX_MODEL_LEN, BLOCK_SIZE, capture_or_stand_in, check_step_against_eager,
+                                   make_staging, make_step, model_and_config, twin_caches)
 from workers.cuda_graphs import MAX_QUERY_ROWS, DecodeGraphs
 
 pytestmark = [pytest.mark.gpu]
@@ -33,10 +33,7 @@ def test_short_queries_as_decode_rows_match_the_eager_prefill(model_and_config):
     kv_eager, kv_graph = twin_caches(hf_config)
     graphs = DecodeGraphs(model, kv_graph, max_num_seqs=32, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
                           device=torch.device(DEVICE), staging=make_staging(256, 32))
-    if DEVICE == "cuda":
-        graphs.capture()
-    else:
-        graphs.graphs = {bs: _EagerReplay(graphs, bs) for bs in graphs.sizes}
+    capture_or_stand_in(graphs, _EagerReplay)
     rng = np.random.default_rng(0)
     steps = [
         ([40, 17, 90, 3, 60, 7, 8, 9, 10, 11], [1] * 10),  # decodes: 10 rows pad to 16, stale below

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gpu.graph_steps import (DEVICE, MAX_MODEL_LEN, BLOCK_SIZE, check_step_against_eager, make_staging,
-                                   make_step, model_and_config, twin_caches)
+from tests.gpu.graph_steps import (DEVICE, MAX_MODEL_LEN, BLOCK_SIZE, capture_or_stand_in, check_step_against_eager,
+                                   make_staging, make_step, model_and_config, twin_caches)
 from workers.cuda_graphs import PrefillGraphs
 
 pytestmark = [pytest.mark.gpu]
@@ -36,10 +36,7 @@ def test_prefill_graphs_match_eager_steps(model_and_config):
                            max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE, device=torch.device(DEVICE),
                            staging=make_staging(256, 32))
     assert graphs.sizes == [4, 8, 16, 32, 64, 128, 256] and graphs.max_seqs == 32
-    if DEVICE == "cuda":
-        graphs.capture()
-    else:
-        graphs.graphs = {t: _EagerReplay(graphs, t) for t in graphs.sizes}
+    capture_or_stand_in(graphs, _EagerReplay)
     rng = np.random.default_rng(0)
     steps = [
         ([0, 40, 17, 90, 3], [200, 1, 1, 30, 9]),  # a large step first: its buffers go stale below
