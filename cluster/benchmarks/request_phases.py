@@ -1,6 +1,6 @@
 """Where one request's time to first token goes, cold and from the prefix cache (issue 6, 4e).
 
-  python -m cluster.benchmarks.request_phases [--prefix-len 2048] [--requests 12]
+  python -m cluster.benchmarks.request_phases [--prefix-len 2048] [--requests 12] [--kernels]
 
 Each request is a fresh --prefix-len-token prefix plus 4 tokens (cold), then the same prefix plus
 4 other tokens (warm), one token each through LLM.generate, in process. The worker's methods are
@@ -15,8 +15,8 @@ out as warm-up):
   total     generate returned (the outputs applied)
 Then the graphs the requests replayed (the warm hit's decode rows, the cold prompt's prefill, and
 a batch-1 decode) are replayed alone after a sync: the host's launch time, and the device's span
-between events around it; with --kernels, also each graph's kernels by name (count, us each). On the CPU the
-wrappers still run, without the graph probe.
+between events around it; with --kernels, also each graph's kernels by name (count, us each).
+On the CPU the wrappers still run, without the graph probe.
 """
 import argparse
 import contextlib
