@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from workers.attention.base import AttentionMetadata
+from workers.graph_inputs import PackedInputs
 from workers.input_batch import StepInputs
 from workers.pinned_staging import PinnedStaging
 
@@ -58,32 +59,38 @@ class DecodeGraphs:
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
-        max_bs = self.sizes[-1]
-        max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.max_blocks = max_blocks = -(-max_model_len // block_size)
+
+        def fields(bs: int) -> list:
+            return [("input_ids", torch.long, (bs,)), ("positions", torch.long, (bs,)),
+                    ("slot_mapping", torch.long, (bs,)), ("seq_lens", torch.int32, (bs,)),
+                    ("block_tables", torch.int32, (bs, max_blocks))]  # last: copied up to the live rows
+
+        buffer = torch.zeros(PackedInputs.packed_bytes(fields(self.sizes[-1])), dtype=torch.uint8, device=device)
+        self.inputs = {bs: PackedInputs(fields(bs), buffer) for bs in self.sizes}
+        self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.query_row_steps = 0  # steps that ran a query of several tokens as rows
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         # max_seq_len is the longest context any replay may see: it fixes the decode split count
-        return AttentionMetadata(self.slot_mapping[:bs], self.query_start_loc[:bs + 1], self.seq_lens[:bs],
-                                 self.block_tables[:bs], list(range(bs + 1)), [self.max_model_len] * bs,
+        v = self.inputs[bs].views
+        return AttentionMetadata(v["slot_mapping"], self.query_start_loc[:bs + 1], v["seq_lens"],
+                                 v["block_tables"], list(range(bs + 1)), [self.max_model_len] * bs,
                                  1, self.max_model_len)
 
     def args(self, bs: int) -> tuple:
         """The model's arguments for a graph of bs rows: views of the static buffers."""
-        return self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs)
+        v = self.inputs[bs].views
+        return v["input_ids"], v["positions"], self.kv_caches, self._metadata(bs)
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            # every row padding for the warm-up and capture: no KV written, none read
+            self.inputs[bs].reset({"input_ids": 0, "positions": 0, "slot_mapping": -1, "seq_lens": 0})
             args = self.args(bs)
             self.model(*args)  # warm-up outside the capture: Triton compiles, allocators settle
             torch.cuda.synchronize()
@@ -95,7 +102,7 @@ class DecodeGraphs:
 
     def can_run(self, inputs: StepInputs) -> bool:
         num_tokens, num_seqs = len(inputs.input_ids), len(inputs.req_ids)
-        return (num_tokens <= self.sizes[-1] and inputs.block_tables.shape[1] <= self.block_tables.shape[1]
+        return (num_tokens <= self.sizes[-1] and inputs.block_tables.shape[1] <= self.max_blocks
                 and (num_tokens == num_seqs or int(np.diff(inputs.query_start_loc).max()) <= MAX_QUERY_ROWS))
 
     def run(self, inputs: StepInputs, fill=None) -> torch.Tensor:
@@ -104,14 +111,13 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         seq_lens, block_tables = as_decode_rows(inputs)
         self.query_row_steps += n > len(inputs.req_ids)
-        put = self.staging.put
-        put(self.input_ids[:n], inputs.input_ids)
-        put(self.positions[:n], inputs.positions)
-        put(self.slot_mapping[:bs], inputs.slot_mapping, fill=-1)  # padding rows write no KV...
-        put(self.seq_lens[:bs], seq_lens, fill=0)  # ...and read none
-        put(self.block_tables[:n, :block_tables.shape[1]], block_tables)
+        packed = self.inputs[bs]
+        # padding rows: token 0 at position 0 (valid indices), no KV written and none read
+        packed.put(self.staging, {"input_ids": (inputs.input_ids, 0), "positions": (inputs.positions, 0),
+                                  "slot_mapping": (inputs.slot_mapping, -1), "seq_lens": (seq_lens, 0),
+                                  "block_tables": (block_tables, None)}, live_rows=n)
         if fill is not None:
-            fill(self.input_ids)
+            fill(packed.views["input_ids"])
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 
@@ -151,13 +157,17 @@ class PrefillGraphs:
         self.sizes = prefill_token_sizes(max_num_batched_tokens)
         self.max_seqs = max_num_seqs
         max_t = self.sizes[-1] if self.sizes else 0
-        max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_t, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_t, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_t,), -1, dtype=torch.long, device=device)
-        self.query_start_loc = torch.zeros(self.max_seqs + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(self.max_seqs, max_blocks, dtype=torch.int32, device=device)
+        self.max_blocks = max_blocks = -(-max_model_len // block_size)
+        s = self.max_seqs
+
+        def fields(t: int) -> list:
+            return [("input_ids", torch.long, (t,)), ("positions", torch.long, (t,)),
+                    ("slot_mapping", torch.long, (t,)), ("query_start_loc", torch.int32, (s + 1,)),
+                    ("seq_lens", torch.int32, (s,)),
+                    ("block_tables", torch.int32, (s, max_blocks))]  # last: copied up to the live rows
+
+        buffer = torch.zeros(PackedInputs.packed_bytes(fields(max_t)), dtype=torch.uint8, device=device)
+        self.inputs = {t: PackedInputs(fields(t), buffer) for t in self.sizes}
         # every graph writes its hidden states here: only one step's forward runs at a time and its
         # logits are computed in stream order before the next replay, so ~40 sizes cost one buffer
         # (a graph's own output would stay in the pool for good: ~370 MB at a 16k budget)
@@ -169,13 +179,13 @@ class PrefillGraphs:
     def _metadata(self, num_tokens: int) -> AttentionMetadata:
         # max_query_len = T sizes the attention grid for any query that fits; the host lists only
         # give the sequence count (no backend reads their values on the Triton path)
-        s = self.max_seqs
-        return AttentionMetadata(self.slot_mapping[:num_tokens], self.query_start_loc, self.seq_lens,
-                                 self.block_tables, [0] * (s + 1), [self.max_model_len] * s,
-                                 num_tokens, self.max_model_len)
+        s, v = self.max_seqs, self.inputs[num_tokens].views
+        return AttentionMetadata(v["slot_mapping"], v["query_start_loc"], v["seq_lens"], v["block_tables"],
+                                 [0] * (s + 1), [self.max_model_len] * s, num_tokens, self.max_model_len)
 
     def _args(self, num_tokens: int) -> tuple:
-        return self.input_ids[:num_tokens], self.positions[:num_tokens], self.kv_caches, self._metadata(num_tokens)
+        v = self.inputs[num_tokens].views
+        return v["input_ids"], v["positions"], self.kv_caches, self._metadata(num_tokens)
 
     def forward(self, num_tokens: int) -> None:
         """The model over the first num_tokens of the buffers, into self.hidden (what a graph holds)."""
@@ -185,6 +195,8 @@ class PrefillGraphs:
     def capture(self, pool=None) -> None:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            self.inputs[t].reset({"input_ids": 0, "positions": 0, "slot_mapping": -1, "query_start_loc": 0,
+                                  "seq_lens": 0})
             self.forward(t)  # every sequence empty and every slot -1: reads and writes no KV
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -196,21 +208,21 @@ class PrefillGraphs:
     def can_run(self, inputs: StepInputs) -> bool:
         return (bool(self.sizes) and len(inputs.input_ids) <= self.sizes[-1]
                 and len(inputs.req_ids) <= self.max_seqs
-                and inputs.block_tables.shape[1] <= self.block_tables.shape[1])
+                and inputs.block_tables.shape[1] <= self.max_blocks)
 
     def run(self, inputs: StepInputs, fill=None) -> torch.Tensor:
         """hidden states [T, H] of the step's tokens; fill(input_ids) as ModelRunner._forward."""
         n, s = len(inputs.input_ids), len(inputs.req_ids)
         t = next(size for size in self.sizes if size >= n)
-        put = self.staging.put
-        put(self.input_ids[:n], inputs.input_ids)
-        put(self.positions[:n], inputs.positions)
-        put(self.slot_mapping[:t], inputs.slot_mapping, fill=-1)  # padding tokens write no KV
-        put(self.query_start_loc, inputs.query_start_loc, fill=n)  # padding sequences: empty queries...
-        put(self.seq_lens, inputs.seq_lens, fill=0)  # ...and no context
-        put(self.block_tables[:s, :inputs.block_tables.shape[1]], inputs.block_tables)
+        packed = self.inputs[t]
+        # padding tokens: token 0 at position 0, no KV written; padding sequences: empty queries
+        # and no context
+        packed.put(self.staging, {"input_ids": (inputs.input_ids, 0), "positions": (inputs.positions, 0),
+                                  "slot_mapping": (inputs.slot_mapping, -1),
+                                  "query_start_loc": (inputs.query_start_loc, n), "seq_lens": (inputs.seq_lens, 0),
+                                  "block_tables": (inputs.block_tables, None)}, live_rows=s)
         if fill is not None:
-            fill(self.input_ids)
+            fill(packed.views["input_ids"])
         self.graphs[t].replay()
         self.replays += 1
         return self.hidden[:n]

@@ -17,7 +17,7 @@ launch (SchedulerOutput.decode_steps) queues k passes at once, so its runner kee
 import numpy as np
 import torch
 
-_ALIGN = 64  # bytes: every array starts aligned for its dtype's view
+ALIGN = 64  # bytes: every array starts aligned for its dtype's view
 
 
 class PinnedStaging:
@@ -62,7 +62,7 @@ class PinnedStaging:
                 or (rows is not None and rows < len(array))):
             raise TypeError(f"staging a {array.dtype} array of shape {array.shape} into a {dst.dtype} "
                             f"tensor of shape {tuple(dst.shape)}: dtypes and shapes must match")
-        start = -(-self._offset // _ALIGN) * _ALIGN
+        start = -(-self._offset // ALIGN) * ALIGN
         end = start + dst.numel() * array.itemsize
         alone = end > self.num_bytes  # larger than any step was sized for: pinned on its own below
         if alone:
@@ -76,6 +76,21 @@ class PinnedStaging:
             staged[:len(array)] = array
             staged[len(array):] = fill
         host = torch.from_numpy(staged)
+        dst.copy_(host.pin_memory() if alone and self._pinned else host, non_blocking=True)
+
+    def region(self, num_bytes: int) -> np.ndarray:
+        """num_bytes of this step's arena (uint8, ALIGN-aligned) for the caller to write, then
+        copy_region; past the arena's size, host memory of its own (pinned at the copy)."""
+        start = -(-self._offset // ALIGN) * ALIGN
+        if start + num_bytes > self.num_bytes:
+            return np.empty(num_bytes, dtype=np.uint8)
+        self._offset = start + num_bytes
+        return self._arena_arrays[self._current][start:start + num_bytes]
+
+    def copy_region(self, dst: torch.Tensor, region: np.ndarray) -> None:
+        """dst (uint8, contiguous) <- region's first len(dst) bytes, without waiting for the device."""
+        alone = region.base is None  # not a view of an arena: region() gave it memory of its own
+        host = torch.from_numpy(region[:dst.numel()])
         dst.copy_(host.pin_memory() if alone and self._pinned else host, non_blocking=True)
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -93,7 +108,7 @@ def step_input_bytes(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) ->
     slots), the int32 block tables, sequence lengths and query starts, int64 logits indices."""
     arrays = [8 * max_tokens] * 3 + [4 * max_seqs * max_blocks_per_seq, 4 * max_seqs, 4 * (max_seqs + 1),
                                      8 * max_seqs]
-    return sum(-(-n // _ALIGN) * _ALIGN for n in arrays) + _ALIGN
+    return sum(-(-n // ALIGN) * ALIGN for n in arrays) + ALIGN
 
 
 class TokenBuffers:
