@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.layers.pdl import launch_options, pdl_enter, use_pdl
+
 LOG2E = 1.4426950408889634
 NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: exp2(-inf - NEG_INIT) = 0, never NaN
 
@@ -85,7 +87,9 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     # kv head fastest: the GPU starts programs in grid order, so with ORDERED (sequences longest
     # first) the longest programs start first and the last wave holds the shortest ones
     kv_head = tl.program_id(0)
@@ -168,8 +172,10 @@ def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, num_rows_ptr,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ROW_LIMIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per (row, head): a decode sequence, or a prefill query token."""
+    pdl_enter(USE_PDL)
     s = tl.program_id(0)
     head = tl.program_id(1)
     if ROW_LIMIT:
@@ -339,10 +345,12 @@ def _merge_splits_into(out, part_out, part_lse, part_strides, num_splits: int,
     """out[row, head] from its splits' partials; num_rows (a 1-element device tensor) leaves the
     rows from it on unwritten (a CUDA graph's padding tokens, which no split wrote)."""
     rows, num_heads, head_dim = out.shape
+    pdl = use_pdl(out)
     _reduce_splits_kernel[(rows, num_heads)](
         part_out, part_lse, out, num_splits, num_rows if num_rows is not None else part_lse, *part_strides,
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_S=triton.next_power_of_2(num_splits), ROW_LIMIT=num_rows is not None, num_warps=4)
+        BLOCK_S=triton.next_power_of_2(num_splits), ROW_LIMIT=num_rows is not None, USE_PDL=pdl, num_warps=4,
+        **launch_options(pdl))
 
 
 def paged_decode_attention(
@@ -385,6 +393,7 @@ def paged_decode_attention(
         counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=query.device)
     elif not fused_merge:
         counters = seq_lens  # unused
+    pdl = use_pdl(query)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens,
         out, part_out, part_lse, counters,
@@ -394,8 +403,8 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, ONE_SPLIT=one_split,
         FUSED_MERGE=fused_merge, BLOCK_S=triton.next_power_of_2(num_splits),
-        DOT_PREC=_dot_precision(query.dtype), ORDERED=order is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        DOT_PREC=_dot_precision(query.dtype), ORDERED=order is not None, USE_PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, **launch_options(pdl))
     if not one_split and not fused_merge:
         _merge_splits_into(out, part_out, part_lse, part_strides, num_splits)
     return out

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from workers.layers.pdl import launch_options, pdl_enter, use_pdl
+
 _NO_FMA = dict(enable_fp_fusion=False)
 # Triton's interpreter has no libdevice: numpy's exp stands in for expf there.
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -27,8 +29,9 @@ _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, eps,
-    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -78,7 +81,9 @@ def _qk_norm_rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache, eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, TO_CACHE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
     KV_ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
@@ -107,7 +112,8 @@ def _qk_norm_rope_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -148,11 +154,12 @@ def _launch_rms_norm(x, residual, weight, eps, out, residual_out):
     residual_out = _output(residual_out, x.shape, x) if residual is not None else None
     if x2.shape[0] > 0:
         r2 = _rows(residual) if residual is not None else x2
-        block = triton.next_power_of_2(n)
+        block, pdl = triton.next_power_of_2(n), use_pdl(x2)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, residual_out if residual is not None else out,
             x2.stride(0), r2.stride(0), eps,
-            N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_warps(block), **_NO_FMA)
+            N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, USE_PDL=pdl, num_warps=_norm_warps(block),
+            **_NO_FMA, **launch_options(pdl))
     return out, residual_out
 
 
@@ -203,7 +210,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         v, v_cache, slot_mapping = k, k_out, positions  # unused
     if num_tokens > 0:
         block_hq, block_hkv = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_kv_heads)
-        block_half = triton.next_power_of_2(head_dim // 2)
+        block_half, pdl = triton.next_power_of_2(head_dim // 2), use_pdl(q)
         _qk_norm_rope_kernel[(num_tokens,)](
             q, k, q_weight, k_weight, q_out, k_out, cos_sin_cache, positions.contiguous(),
             v, v_cache, slot_mapping,
@@ -211,7 +218,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
             cos_sin_cache.stride(0), eps,
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, TO_CACHE=kv_write is not None,
-            num_warps=_norm_warps(block_hq * block_half), **_NO_FMA)
+            USE_PDL=pdl, num_warps=_norm_warps(block_hq * block_half), **_NO_FMA, **launch_options(pdl))
     return q_out, (None if kv_write is not None else k_out)
 
 
@@ -221,7 +228,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     x2 = _rows(x)
     out = _output(out, (*x.shape[:-1], inter), x)
     if x2.shape[0] > 0 and inter > 0:
-        block = min(1024, triton.next_power_of_2(inter))
+        block, pdl = min(1024, triton.next_power_of_2(inter)), use_pdl(x2)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), inter, BLOCK=block, num_warps=4, **_NO_FMA)
+            x2, out, x2.stride(0), inter, BLOCK=block, USE_PDL=pdl, num_warps=4, **_NO_FMA,
+            **launch_options(pdl))
     return out

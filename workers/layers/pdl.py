@@ -1,0 +1,51 @@
+"""Programmatic dependent launch (PDL; Hopper and later) for the Triton kernels of a forward pass.
+
+A decode step of a small model is ~300 kernels of a few microseconds each, and each pays for its
+launch and for its first loads. Launched with PDL, a kernel may start while the one before it in
+the stream is still running: it waits (gdc_wait) before reading anything an earlier kernel wrote,
+and lets the next kernel launch (gdc_launch_dependents) only once it is past that wait, so at most
+one kernel runs ahead. What a kernel does before its wait must not read earlier kernels' outputs:
+the skinny GEMM prefetches its weight slice into L2 there, as the weights never change.
+
+A kernel that does not trigger (torch's, cuBLAS's, NCCL's) lets the next one launch only when it
+completes, as without PDL; the waits keep every order. FOLOVLLM_PDL=0 turns it off (to compare).
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = os.environ.get("FOLOVLLM_PDL", "1") != "0"
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL (never on the CPU, under the interpreter)."""
+    return ENABLED and t.is_cuda and _capable(t.device.index if t.device.index is not None
+                                              else torch.cuda.current_device())
+
+
+def launch_options(pdl: bool) -> dict:
+    """The launch keyword for a kernel given USE_PDL=pdl (none at all off CUDA: the interpreter)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """Wait for the kernel before (its writes visible), then let the next one launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptr, num_bytes):
+    """One bulk prefetch of num_bytes (a multiple of 16) from ptr (16-byte aligned) into L2."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // dummy $0", "=r,l,r",
+                              [ptr, num_bytes], dtype=tl.int32, is_pure=False, pack=1)
