@@ -1,11 +1,11 @@
 """A CUDA graph's static inputs as typed views of one device byte buffer: one copy a step.
 
 A graph reads its inputs from fixed addresses, and putting each array there was a copy of its own:
-a host dispatch of ~10-30 us on an H100 host, and a block table narrower than the static one went
-in as a copy plus a strided-copy kernel. A warm prefix hit spent 0.28 ms of its time to first token
-between the forward's start and the replay on those five copies (H100, s9-call1). Here the arrays
-are laid out back to back, written into the step's pinned arena at the same offsets, and copied in
-one go.
+five or six host dispatches a step, and a block table narrower than the static one went in as a
+copy plus a strided-copy kernel (torch.profiler, H100 host, s9-call1). Here the arrays are laid
+out back to back, written into the step's pinned arena at the same offsets, and copied in one go.
+(What it saves is small against the run-to-run noise of a request's host time: a warm prefix hit's
+forward-to-replay read 0.18-0.22 ms against 0.22-0.28 before, H100, s9-call3.)
 
 The last field (the block tables) is copied only as far as the step's live rows: rows past them
 belong to padding, which reads no context. A live row's entries past its step's widest table are
