@@ -23,7 +23,8 @@ import torch
 import triton
 
 from cluster.benchmarks.skinny_gemm_bench import graph_us
-from workers.attention import triton_kernels as kernels
+from workers.attention.triton_decode import paged_decode_attention
+from workers.attention.triton_prefill import paged_prefill_attention, prefill_tile_map, prefill_tokens_per_tile
 from workers.attention.triton_backend import TritonBackend
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16
@@ -81,10 +82,10 @@ class DecodeBench:
 
         def step():
             for s in sets:
-                kernels.paged_decode_attention(s["query"], self.kv_cache, s["block_tables"],
-                                               s["seq_lens"], HEAD_DIM ** -0.5, num_splits,
-                                               out=s["out"], counters=counters, order=s["order"],
-                                               **config)
+                paged_decode_attention(s["query"], self.kv_cache, s["block_tables"],
+                                       s["seq_lens"], HEAD_DIM ** -0.5, num_splits,
+                                       out=s["out"], counters=counters, order=s["order"],
+                                       **config)
         step()  # compile
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -100,8 +101,8 @@ class DecodeBench:
         """Relative error of one config against the single-split default (all configs must agree)."""
         s = self.inputs(batch, context)[0]
         args = (s["query"], self.kv_cache, s["block_tables"], s["seq_lens"], HEAD_DIM ** -0.5)
-        ref = kernels.paged_decode_attention(*args, 1, fused_merge=False).float()
-        got = kernels.paged_decode_attention(*args, num_splits, **config).float()
+        ref = paged_decode_attention(*args, 1, fused_merge=False).float()
+        got = paged_decode_attention(*args, num_splits, **config).float()
         return float((got - ref).norm() / ref.norm())
 
 
@@ -186,7 +187,7 @@ def prefill_bench() -> list[dict]:
         query = torch.randn(num_seqs * chunk, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
         seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device="cuda")
         qsl = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * chunk
-        ms = triton.testing.do_bench(lambda: kernels.paged_prefill_attention(
+        ms = triton.testing.do_bench(lambda: paged_prefill_attention(
             query, kv_cache, tables, seq_lens, qsl, HEAD_DIM ** -0.5), return_mode="median")
         # causal FLOPs: each query attends to prefix + its position + 1 keys, 2 matmuls x 2 flops
         keys = num_seqs * (chunk * prefix + chunk * (chunk + 1) / 2)
@@ -230,8 +231,8 @@ def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
         splits = backend.num_prefill_splits(num_tokens, NUM_KV_HEADS, group, max_model_len)
         for block_m, warps in [(128, 8), (64, 4), (32, 4), (32, 2)]:
             # the tile map is made once a forward, not a layer: outside the timed calls
-            tile_map = kernels.prefill_tile_map(qsl, num_tokens, kernels.prefill_tokens_per_tile(group, block_m))
-            us = _layers_us(lambda: kernels.paged_prefill_attention(
+            tile_map = prefill_tile_map(qsl, num_tokens, prefill_tokens_per_tile(group, block_m))
+            us = _layers_us(lambda: paged_prefill_attention(
                 query, kv_cache, tables, seq_lens, qsl, HEAD_DIM ** -0.5, tile_map=tile_map,
                 num_splits=splits, split_programs=programs, block_m=block_m, num_warps=warps))
             rows.append(dict(kind="prefix_hit", tokens=num_tokens, context=context, splits=splits,
@@ -240,7 +241,7 @@ def prefix_hit_bench(max_model_len: int = 4096) -> list[dict]:
     one = torch.randn(1, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     lens = torch.tensor([context + 1], dtype=torch.int32, device="cuda")
     splits = backend.num_decode_splits(1, NUM_KV_HEADS, max_model_len)
-    us = _layers_us(lambda: kernels.paged_decode_attention(one, kv_cache, tables, lens, HEAD_DIM ** -0.5, splits))
+    us = _layers_us(lambda: paged_decode_attention(one, kv_cache, tables, lens, HEAD_DIM ** -0.5, splits))
     rows.append(dict(kind="prefix_hit_decode_floor", tokens=1, context=context, splits=splits, us=us))
     print(json.dumps(rows[-1]), flush=True)
     return rows

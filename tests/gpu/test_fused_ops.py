@@ -181,7 +181,7 @@ def test_qk_norm_rope(rope, dtype, num_tokens, heads):
 def test_qk_norm_rope_writes_the_cache_as_reshape_and_cache_would(rope, dtype):
     """kv_write: the same q, and k/v in the cache bit for bit where the two kernels put them;
     slot -1 (graph padding) writes nothing."""
-    from workers.attention.triton_kernels import reshape_and_cache
+    from workers.attention.triton_common import reshape_and_cache
 
     num_tokens, num_heads, num_kv_heads, block_size, num_blocks = 37, 16, 8, 16, 8
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, dtype=dtype, device=DEVICE)

@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
     pytest.skip("PDL needs a CUDA GPU of compute capability 9 or more", allow_module_level=True)
 
-from workers.attention.triton_kernels import paged_decode_attention  # noqa: E402
+from workers.attention.triton_decode import paged_decode_attention  # noqa: E402
 from workers.layers import pdl  # noqa: E402
 from workers.layers.skinny_gemm import skinny_gemm  # noqa: E402
 from workers.layers.triton_ops import fused_add_rms_norm, silu_and_mul  # noqa: E402

@@ -16,7 +16,10 @@ from workers.attention.base import AttentionMetadata
 
 DEVICE = triton_device()
 
-from workers.attention import triton_kernels  # noqa: E402  (imports triton)
+from workers.attention.triton_common import reshape_and_cache  # noqa: E402  (imports triton)
+from workers.attention.triton_decode import paged_decode_attention  # noqa: E402
+from workers.attention.triton_prefill import (  # noqa: E402
+    paged_prefill_attention, prefill_tile_map, prefill_tokens_per_tile)
 
 pytestmark = [pytest.mark.gpu]
 
@@ -130,7 +133,7 @@ def test_reshape_and_cache(dtype, block_size):
     # a non-contiguous view, as when K/V are slices of a fused qkv projection
     qkv = torch.randn(num_tokens, 3, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device=DEVICE)
     key, value = qkv[:, 1], qkv[:, 2]
-    triton_kernels.reshape_and_cache(key, value, kv_cache, slots)
+    reshape_and_cache(key, value, kv_cache, slots)
     write_ref(key, value, expected, slots)
     assert torch.equal(kv_cache, expected)
 
@@ -152,16 +155,16 @@ def test_decode(context, batch, block_size, group):
     for num_splits in sorted({1, 3, min(64, -(-context // 64))}):
         for fused_merge in ([True, False] if num_splits > 1 else [True]):
             out = poisoned(query.shape, dtype)
-            triton_kernels.paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                                  scale, num_splits, out=out, fused_merge=fused_merge)
+            paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                   scale, num_splits, out=out, fused_merge=fused_merge)
             assert_close(out, ref, dtype)
-            again = triton_kernels.paged_decode_attention(
+            again = paged_decode_attention(
                 query, kv_cache, md.block_tables, md.seq_lens, scale, num_splits,
                 fused_merge=fused_merge)
             assert torch.equal(out, again), "a second run differs: a race"
             # the program order changes which program takes which sequence, never a value
             for order in (torch.argsort(md.seq_lens, descending=True), torch.randperm(batch, device=DEVICE)):
-                ordered = triton_kernels.paged_decode_attention(
+                ordered = paged_decode_attention(
                     query, kv_cache, md.block_tables, md.seq_lens, scale, num_splits,
                     fused_merge=fused_merge, order=order.to(torch.int32))
                 assert torch.equal(out, ordered), "the longest-first order changed the output"
@@ -179,8 +182,8 @@ def test_decode_dtypes_groups_and_empty_rows(dtype, group):
     ref = attention_ref(query, kv_cache, md, 0.1)
     for num_splits, fused_merge in [(1, True), (4, True), (4, False)]:
         out = poisoned(query.shape, dtype)
-        triton_kernels.paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens, 0.1,
-                                              num_splits, out=out, fused_merge=fused_merge)
+        paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens, 0.1,
+                               num_splits, out=out, fused_merge=fused_merge)
         assert_close(out, ref, dtype)
         assert (out[1] == 0).all() and (out[4] == 0).all()
 
@@ -211,8 +214,8 @@ def test_prefill(case, dtype, block_size, group):
     ref = attention_ref(query, kv_cache, md, scale)
     for num_splits in (1, 3):  # split keys: most slices of the short tiles are empty
         out = poisoned(query.shape, dtype)
-        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                               md.query_start_loc, scale, out=out, num_splits=num_splits)
+        paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                md.query_start_loc, scale, out=out, num_splits=num_splits)
         assert_close(out, ref, dtype)
 
 
@@ -229,18 +232,18 @@ def test_prefill_split_keys_over_a_long_prefix(dtype):
                        block_size)
     query = 2 * torch.randn(sum(query_lens), NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=DEVICE)
     ref = attention_ref(query, kv_cache, md, 0.09)
-    whole = triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                                   md.query_start_loc, 0.09)
+    whole = paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                    md.query_start_loc, 0.09)
     assert_close(whole, ref, dtype)
     # a few programs walk many items; and tiles of 32 rows (16 tokens of a group of 2), the shape
     # attention_bench --prefix-hit times against the default 128
     for num_splits, programs, block_m in [(2, None, 128), (5, 3, 128), (32, 7, 128), (32, None, 32), (5, 3, 32),
                                          (32, None, 64)]:
         out = poisoned(query.shape, dtype)
-        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                               md.query_start_loc, 0.09, out=out, num_splits=num_splits,
-                                               split_programs=programs, block_m=block_m,
-                                               num_warps=8 if block_m == 128 else 4)  # as TritonBackend
+        paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                md.query_start_loc, 0.09, out=out, num_splits=num_splits,
+                                split_programs=programs, block_m=block_m,
+                                num_warps=8 if block_m == 128 else 4)  # as TritonBackend
         assert_close(out, ref, dtype)
 
 
@@ -272,17 +275,17 @@ def test_prefill_tiles_skip_empty_queries_and_padding():
     num_real = sum(query_lens)
     query = 2 * torch.randn(num_real + 57, NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=DEVICE)
     ref = attention_ref(query[:num_real], kv_cache, md, HEAD_DIM ** -0.5)
-    tpt = triton_kernels.prefill_tokens_per_tile(group)
-    tile_starts, tile_seq = triton_kernels.prefill_tile_map(md.query_start_loc, query.shape[0], tpt)
+    tpt = prefill_tokens_per_tile(group)
+    tile_starts, tile_seq = prefill_tile_map(md.query_start_loc, query.shape[0], tpt)
     tiles = [-(-q // tpt) for q in query_lens]
     assert tile_starts.tolist() == [sum(tiles[:i]) for i in range(len(tiles) + 1)]
     assert tile_seq[:sum(tiles)].tolist() == [s for s, n in enumerate(tiles) for _ in range(n)]
     assert tile_seq.shape[0] > sum(tiles)  # the bound leaves empty programs
     for num_splits in (1, 4):
         out = poisoned(query.shape, dtype)
-        triton_kernels.paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
-                                               md.query_start_loc, HEAD_DIM ** -0.5, out=out,
-                                               tile_map=(tile_starts, tile_seq), num_splits=num_splits)
+        paged_prefill_attention(query, kv_cache, md.block_tables, md.seq_lens,
+                                md.query_start_loc, HEAD_DIM ** -0.5, out=out,
+                                tile_map=(tile_starts, tile_seq), num_splits=num_splits)
         assert_close(out[:num_real], ref, dtype)
         assert torch.isnan(out[num_real:].float()).all(), "a padded query row was written"
 

@@ -21,7 +21,9 @@ query_start_loc is not read on the decode path (row s is sequence s).
 import torch
 
 from workers.attention.base import AttentionMetadata
-from workers.attention import triton_kernels as kernels
+from workers.attention.triton_common import reshape_and_cache
+from workers.attention.triton_decode import paged_decode_attention
+from workers.attention.triton_prefill import paged_prefill_attention, prefill_tile_map, prefill_tokens_per_tile
 
 
 class TritonBackend:
@@ -82,7 +84,7 @@ class TritonBackend:
         graph) is where splitting pays: 71 -> 14 us a layer."""
         if num_tokens > self.max_prefill_split_tokens:
             return 1
-        min_tiles = max(1, -(-num_tokens // kernels.prefill_tokens_per_tile(group)))
+        min_tiles = max(1, -(-num_tokens // prefill_tokens_per_tile(group)))
         programs = min_tiles * num_kv_heads
         if programs >= self.num_sms:
             return 1
@@ -101,23 +103,23 @@ class TritonBackend:
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         if key is not None:
-            kernels.reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+            reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
         if metadata.is_decode_only:
             assert query.shape[0] == metadata.num_seqs, "decode rows are one token per sequence"
             num_splits = self.num_decode_splits(metadata.num_seqs, kv_cache.shape[3],
                                                 metadata.max_seq_len)
             if self.longest_first and metadata.decode_order is None:
                 metadata.decode_order = torch.argsort(metadata.seq_lens, descending=True).to(torch.int32)
-            return kernels.paged_decode_attention(
+            return paged_decode_attention(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
                 order=metadata.decode_order if self.longest_first else None)
         num_kv_heads = kv_cache.shape[3]
         group = query.shape[1] // num_kv_heads
         if metadata.prefill_tile_map is None:  # once per forward: every layer has the same tiles
-            metadata.prefill_tile_map = kernels.prefill_tile_map(
-                metadata.query_start_loc, query.shape[0], kernels.prefill_tokens_per_tile(group))
+            metadata.prefill_tile_map = prefill_tile_map(
+                metadata.query_start_loc, query.shape[0], prefill_tokens_per_tile(group))
         num_splits = self.num_prefill_splits(query.shape[0], num_kv_heads, group, metadata.max_seq_len)
-        return kernels.paged_prefill_attention(
+        return paged_prefill_attention(
             query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, scale,
             tile_map=metadata.prefill_tile_map, num_splits=num_splits,
             split_programs=-(-self.programs_per_sm * self.num_sms // num_kv_heads))
