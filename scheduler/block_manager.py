@@ -86,7 +86,10 @@ class BlockManager:
             return []
         # every hash looked up at C speed, then cut at the first miss: a per-block Python loop
         # cost ~25 us of a 2k-token prefix hit
-        hashes = self._seq_block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        # the sequence may hold more hashes than that (a block of its last known token, hashed
+        # while a sampled token was pending that a dead worker then lost): never look them up
+        hashes = self._seq_block_hashes(seq, num_blocks)[:num_blocks]
         blocks = list(map(self.cached_blocks.get, hashes))
         if None in blocks:
             del blocks[blocks.index(None):]

@@ -97,6 +97,20 @@ def test_hit_never_covers_the_last_token():
     bm.check_no_leaks()
 
 
+def test_a_requeued_sequence_recomputes_its_last_token_whatever_it_hashed():
+    """A sequence can hold the hash of its last known token's block (hashed while a sampled token
+    was pending); if a dead worker loses that token, the requeued sequence must still compute its
+    last token, or it would have no logits to sample from."""
+    bm = BlockManager(16, BS)
+    seq = make_seq(range(8))
+    admit(bm, seq)
+    assert len(seq.block_hashes) == 2, "both full blocks hashed, the last token's included"
+    bm.free(seq)
+    seq.num_computed_tokens = 0
+    assert len(bm.get_computed_blocks(seq)) == 1, "block 1 holds the last token: recompute it"
+    bm.check_no_leaks()
+
+
 def test_hashes_are_chained():
     bm = BlockManager(16, BS)
     a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
