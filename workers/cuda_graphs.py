@@ -183,13 +183,14 @@ class PrefillGraphs:
         return AttentionMetadata(v["slot_mapping"], v["query_start_loc"], v["seq_lens"], v["block_tables"],
                                  [0] * (s + 1), [self.max_model_len] * s, num_tokens, self.max_model_len)
 
-    def _args(self, num_tokens: int) -> tuple:
+    def args(self, num_tokens: int) -> tuple:
+        """The model's arguments for a graph of num_tokens: views of the static buffers."""
         v = self.inputs[num_tokens].views
         return v["input_ids"], v["positions"], self.kv_caches, self._metadata(num_tokens)
 
     def forward(self, num_tokens: int) -> None:
         """The model over the first num_tokens of the buffers, into self.hidden (what a graph holds)."""
-        self.model(*self._args(num_tokens), out=self.hidden[:num_tokens])
+        self.model(*self.args(num_tokens), out=self.hidden[:num_tokens])
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
