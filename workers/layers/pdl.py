@@ -22,7 +22,8 @@ ENABLED = os.environ.get("FOLOVLLM_PDL", "1") != "0"
 
 @functools.cache
 def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    # NVIDIA only: a ROCm build reports its own capability numbers through the same call
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(t: torch.Tensor) -> bool:
