@@ -6,8 +6,8 @@ Needs a Hopper or later GPU (PDL); skips elsewhere, the interpreter included.
 import pytest
 import torch
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-    pytest.skip("PDL needs a CUDA GPU of compute capability 9 or more", allow_module_level=True)
+if not torch.cuda.is_available() or torch.version.cuda is None or torch.cuda.get_device_capability()[0] < 9:
+    pytest.skip("PDL needs an NVIDIA GPU of compute capability 9 or more", allow_module_level=True)
 
 from workers.attention.triton_decode import paged_decode_attention  # noqa: E402
 from workers.layers import pdl  # noqa: E402
