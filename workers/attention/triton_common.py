@@ -8,7 +8,8 @@ Every kernel computes in float32 and folds the softmax scale into exp2 (qk_scale
   the inner step of the decode (triton_decode.py) and prefill (triton_prefill.py) kernels.
 - split_partials / merge_splits_into: the float32 partials of a split-KV launch and the second
   kernel that merges them by their log-sum-exp; merge_splits is the same merge inside a kernel.
-- dot_precision: tl.dot's input precision for a query dtype.
+- dot_precision: tl.dot's input precision for a query dtype; attention_operands: the caches and
+  output the decode and prefill launches share.
 """
 import torch
 import triton
@@ -129,6 +130,18 @@ def _reduce_splits_kernel(
 
 def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def attention_operands(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None):
+    """(k_cache, v_cache, num_kv_heads, group, out) for query [rows, Hq, D] over one layer's cache:
+    group query heads per kv head, and out (a new [rows, Hq, D] like query when None)."""
+    num_rows, num_heads, head_dim = query.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_kv_heads = k_cache.shape[2]
+    if out is None:
+        out = torch.empty(num_rows, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
+    return k_cache, v_cache, num_kv_heads, num_heads // num_kv_heads, out
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

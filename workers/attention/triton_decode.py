@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from workers.attention.triton_common import (
-    LOG2E, NEG_INIT, attend_tile, dot_precision, merge_splits, merge_splits_into, split_partials)
+    LOG2E, NEG_INIT, attend_tile, attention_operands, dot_precision, merge_splits, merge_splits_into,
+    split_partials)
 from workers.layers.pdl import launch_options, pdl_enter, use_pdl
 
 
@@ -105,13 +106,8 @@ def paged_decode_attention(
     the second launch; it needs counters, int32 [>= S * Hkv], zero on entry and left zero on
     exit (torch.zeros per call when not given). Its merge walks the splits one by one, so it
     won 0.3 us at <= 4 splits and lost 1-25 us at >= 5 on an H200 (docs/notes-attention.md)."""
-    num_seqs, num_heads, head_dim = query.shape
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    if out is None:
-        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
+    num_seqs, _, head_dim = query.shape
+    k_cache, v_cache, num_kv_heads, group, out = attention_operands(query, kv_cache, out)
     block_d = triton.next_power_of_2(head_dim)
     one_split = num_splits == 1
     part_out, part_lse, part_strides = split_partials(out, num_splits)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from workers.attention.triton_common import (
-    LOG2E, NEG_INIT, attend_tile, dot_precision, merge_splits_into, split_partials)
+    LOG2E, NEG_INIT, attend_tile, attention_operands, dot_precision, merge_splits_into, split_partials)
 
 
 @triton.jit
@@ -181,13 +181,8 @@ def paged_prefill_attention(
     chunk's tail) otherwise runs on a handful of SMs. Slices past a tile's keys cost one store.
     split_programs: programs per kv head that walk the (tile, split) items when splitting (default:
     one per item of the bound)."""
-    num_tokens, num_heads, head_dim = query.shape
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    if out is None:
-        out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    assert query.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1
+    num_tokens, _, head_dim = query.shape
+    k_cache, v_cache, num_kv_heads, group, out = attention_operands(query, kv_cache, out)
     block_m = max(block_m, triton.next_power_of_2(group) * 16)
     tile_starts, tile_seq = tile_map if tile_map is not None else prefill_tile_map(
         query_start_loc, num_tokens, prefill_tokens_per_tile(group, block_m))
