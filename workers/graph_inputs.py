@@ -16,9 +16,9 @@ import math
 import numpy as np
 import torch
 
-from workers.pinned_staging import ALIGN, PinnedStaging
+from workers.pinned_staging import ALIGN, TORCH_DTYPES, PinnedStaging
 
-_NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+_NUMPY = {t: n for n, t in TORCH_DTYPES.items()}  # torch dtype -> numpy dtype
 
 
 class PackedInputs:
@@ -31,7 +31,7 @@ class PackedInputs:
         offset = 0
         for name, dtype, shape in fields:
             nbytes = math.prod(shape) * dtype.itemsize
-            self.layout[name] = (offset, np.dtype(_NUMPY[dtype]), shape)
+            self.layout[name] = (offset, _NUMPY[dtype], shape)
             self.views[name] = buffer[offset:offset + nbytes].view(dtype).view(shape)
             offset = -(-(offset + nbytes) // ALIGN) * ALIGN
         self.num_bytes = offset

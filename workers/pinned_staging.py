@@ -58,25 +58,18 @@ class PinnedStaging:
         graph's padding, which would otherwise take a fill kernel launch of its own)."""
         rows = dst.shape[0] if fill is not None and dst.dim() > 0 else None
         shape = (rows, *array.shape[1:]) if rows is not None else array.shape
-        if (_TORCH_DTYPES.get(array.dtype) is not dst.dtype or tuple(dst.shape) != shape
+        if (TORCH_DTYPES.get(array.dtype) is not dst.dtype or tuple(dst.shape) != shape
                 or (rows is not None and rows < len(array))):
             raise TypeError(f"staging a {array.dtype} array of shape {array.shape} into a {dst.dtype} "
                             f"tensor of shape {tuple(dst.shape)}: dtypes and shapes must match")
-        start = -(-self._offset // ALIGN) * ALIGN
-        end = start + dst.numel() * array.itemsize
-        alone = end > self.num_bytes  # larger than any step was sized for: pinned on its own below
-        if alone:
-            staged = np.empty(shape, dtype=array.dtype)
-        else:
-            self._offset = end
-            staged = self._arena_arrays[self._current][start:end].view(array.dtype).reshape(shape)
+        region = self.region(dst.numel() * array.itemsize)
+        staged = region.view(array.dtype).reshape(shape)
         if rows is None:
             staged[...] = array
         else:
             staged[:len(array)] = array
             staged[len(array):] = fill
-        host = torch.from_numpy(staged)
-        dst.copy_(host.pin_memory() if alone and self._pinned else host, non_blocking=True)
+        self._send(dst, staged, own_memory=region.base is None)
 
     def region(self, num_bytes: int) -> np.ndarray:
         """num_bytes of this step's arena (uint8, ALIGN-aligned) for the caller to write, then
@@ -89,18 +82,22 @@ class PinnedStaging:
 
     def copy_region(self, dst: torch.Tensor, region: np.ndarray) -> None:
         """dst (uint8, contiguous) <- region's first len(dst) bytes, without waiting for the device."""
-        alone = region.base is None  # not a view of an arena: region() gave it memory of its own
-        host = torch.from_numpy(region[:dst.numel()])
-        dst.copy_(host.pin_memory() if alone and self._pinned else host, non_blocking=True)
+        self._send(dst, region[:dst.numel()], own_memory=region.base is None)
+
+    def _send(self, dst: torch.Tensor, host: np.ndarray, own_memory: bool) -> None:
+        """dst.copy_(host) without waiting; host memory of its own (not a view of an arena, which
+        region() gives past the arena's size) is pinned first."""
+        tensor = torch.from_numpy(host)
+        dst.copy_(tensor.pin_memory() if own_memory and self._pinned else tensor, non_blocking=True)
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
-        out = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], device=self.device)
+        out = torch.empty(array.shape, dtype=TORCH_DTYPES[array.dtype], device=self.device)
         self.put(out, array)
         return out
 
 
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
-                 np.dtype(np.float32): torch.float32}
+TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+                np.dtype(np.float32): torch.float32}
 
 
 def step_input_bytes(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
