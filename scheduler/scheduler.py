@@ -22,6 +22,7 @@ from scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOu
 from scheduler.policy import WaitingQueue, get_policy
 from scheduler.request import Request, RequestStatus, Sequence
 from scheduler.sampling_params import SamplingParams
+from scheduler.stop_checks import check_stop, no_stop_among
 
 
 @dataclass
@@ -336,44 +337,18 @@ class Scheduler:
     def _append_tokens(self, seq: Sequence, token_ids: list[int],
                        logprobs: TokenLogprobs | None) -> EngineCoreOutput:
         seq.num_pending -= len(token_ids)
-        if len(token_ids) > 1 and logprobs is None and self._no_stop_among(seq, token_ids):
+        if (len(token_ids) > 1 and logprobs is None
+                and no_stop_among(seq, token_ids, self.eos_token_ids, self.max_seq_len)):
             seq.output_token_ids.extend(token_ids)  # a multi-step's tokens, none of which can stop it
             return self._output(seq, token_ids, None)
         for n, token_id in enumerate(token_ids, 1):
             seq.output_token_ids.append(token_id)
-            status = self._check_stop(seq, token_id)
+            status = check_stop(seq, token_id, self.eos_token_ids, self.max_seq_len)
             if status is not None:
                 token_ids = token_ids[:n]  # nothing after a stop is emitted
                 self._finish(seq, status)
                 break
         return self._output(seq, token_ids, [logprobs] if logprobs is not None else None)
-
-    def _no_stop_among(self, seq: Sequence, token_ids: list[int]) -> bool:
-        """_check_stop would pass every one of token_ids (appended after seq's outputs): no length
-        limit is reached and no eos or stop token is among them. Checked at C speed over the list."""
-        params = seq.sampling_params
-        num_after = len(seq.output_token_ids) + len(token_ids)
-        if num_after + len(seq.prompt_token_ids) >= self.max_seq_len or (
-                params.max_tokens is not None and num_after >= params.max_tokens):
-            return False
-        if not params.ignore_eos and not self.eos_token_ids.isdisjoint(token_ids):
-            return False
-        return not params.stop_token_ids or set(params.stop_token_ids).isdisjoint(token_ids)
-
-    def _check_stop(self, seq: Sequence, token_id: int) -> RequestStatus | None:
-        # a new stop condition here must make _no_stop_among return False too
-        params = seq.sampling_params
-        num_output = len(seq.output_token_ids)
-        if num_output >= params.min_tokens:
-            if token_id in self.eos_token_ids and not params.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED  # stop_reason stays None for eos, as in vLLM
-            if params.stop_token_ids and token_id in params.stop_token_ids:
-                seq.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if num_output + len(seq.prompt_token_ids) >= self.max_seq_len or (
-                params.max_tokens is not None and num_output >= params.max_tokens):
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _output(self, seq: Sequence, new_token_ids: list[int],
                 new_logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
