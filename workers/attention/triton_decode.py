@@ -28,7 +28,6 @@ def _decode_kernel(
     FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, ORDERED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
     # kv head fastest: the GPU starts programs in grid order, so with ORDERED (sequences longest
     # first) the longest programs start first and the last wave holds the shortest ones
     kv_head = tl.program_id(0)
@@ -39,6 +38,11 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    kv_head_off = kv_head * stride_kh
+    # the order and seq_lens are step inputs, never written by the kernel before (the q/k kernel):
+    # with PDL their two dependent loads run while it finishes
+    pdl_enter(USE_PDL)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -51,8 +55,6 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_H], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
-    kv_head_off = kv_head * stride_kh
     for n0 in range(start, end, BLOCK_N):
         acc, l_i, m_i = attend_tile(
             q, acc, l_i, m_i, n0, bt_row, k_cache_ptr, v_cache_ptr, kv_head_off,

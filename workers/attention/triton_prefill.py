@@ -13,6 +13,7 @@ import triton.language as tl
 
 from workers.attention.triton_common import (
     LOG2E, NEG_INIT, attend_tile, attention_operands, dot_precision, merge_splits_into, split_partials)
+from workers.layers.pdl import launch_options, pdl_enter, use_pdl
 
 
 @triton.jit
@@ -97,9 +98,13 @@ def _prefill_kernel(
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
+    # the tile map is made once per forward, before the first layer's attention: no kernel right
+    # before this one writes it
     num_tiles = tl.load(tile_starts_ptr + num_seqs)
+    pdl_enter(USE_PDL)
     if ONE_SPLIT:
         # one program per tile slot; slots past the last tile (the grid is a bound, fixed when a
         # CUDA graph is captured) do nothing
@@ -191,6 +196,7 @@ def paged_prefill_attention(
     part_out, part_lse, part_strides = split_partials(out, num_splits)
     slots = tile_seq.shape[0]
     programs = slots if one_split else min(slots * num_splits, split_programs or slots * num_splits)
+    pdl = use_pdl(query)
     _prefill_kernel[(num_kv_heads, programs)](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, tile_starts, tile_seq, out,
         part_out, part_lse, num_seqs, num_splits, scale * LOG2E,
@@ -198,7 +204,8 @@ def paged_prefill_attention(
         block_tables.stride(0), out.stride(0), out.stride(1), *part_strides,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, ONE_SPLIT=one_split,
-        DOT_PREC=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages)
+        DOT_PREC=dot_precision(query.dtype), USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(pdl))
     if not one_split:
         # tokens past query_start_loc[S] are padding; the merge leaves their rows unwritten
         merge_splits_into(out, part_out, part_lse, part_strides, num_splits, query_start_loc[num_seqs:])

@@ -83,21 +83,24 @@ def _qk_norm_rope_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, TO_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
     KV_ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     d = tl.arange(0, BLOCK_HALF)
+    # positions, the slots and the cos/sin table are step inputs, never written by the kernel
+    # before (the qkv GEMM): read before the PDL wait, their two dependent loads overlap it
     cache_row = cos_sin_ptr + tl.load(positions_ptr + t).to(tl.int64) * stride_cache
     cos = tl.load(cache_row + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cache_row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    if TO_CACHE:
+        slot = tl.load(slot_mapping_ptr + t)
+    pdl_enter(USE_PDL)
     _norm_rope_heads(q_ptr + t * stride_qt, stride_qh, q_weight_ptr,
                      q_out_ptr + t * (NUM_Q_HEADS * HEAD_DIM), cos, sin, eps,
                      NUM_Q_HEADS, HEAD_DIM, BLOCK_HQ, BLOCK_HALF)
     if TO_CACHE:
         # k goes straight to its cache slot (k_out is the key cache, rows of Hkv x D), v is copied
         # beside it: what reshape_and_cache would write, without the second kernel
-        slot = tl.load(slot_mapping_ptr + t)
         if slot >= 0:  # -1: a CUDA-graph padding token, written nowhere
             _norm_rope_heads(k_ptr + t * stride_kt, stride_kh, k_weight_ptr, k_out_ptr + slot * KV_ROW,
                              cos, sin, eps, NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF)
