@@ -252,7 +252,14 @@ class StepHandle:
     def token_source(self, req_ids: list[str], positions: list[int], to_device):
         """fill(input_ids): input_ids[positions] = this step's tokens of req_ids, on the device.
         to_device(int64 array) copies the indices there (ModelRunner._to_device)."""
-        rows, index = (to_device(np.asarray(v, dtype=np.int64)) for v in ([self.row_of[r] for r in req_ids], positions))
+        rows = [self.row_of[r] for r in req_ids]
+        n, row0, pos0 = len(rows), rows[0], positions[0]
+        if rows == list(range(row0, row0 + n)) and list(positions) == list(range(pos0, pos0 + n)):
+            # a steady decode batch: its rows in the same order as the step before. One slice copy
+            # instead of two index uploads, a gather and a scatter, ~18% of a batch-1 step's host
+            # time on an H100 host (py-spy, s10-call7)
+            return lambda input_ids: input_ids[pos0:pos0 + n].copy_(self.token_ids[row0:row0 + n])
+        rows, index = (to_device(np.asarray(v, dtype=np.int64)) for v in (rows, positions))
         return lambda input_ids: input_ids.index_copy_(0, index, self.token_ids.index_select(0, rows))
 
     def result(self) -> ModelRunnerOutput:
