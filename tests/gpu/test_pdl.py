@@ -2,7 +2,7 @@
 reading what the one before wrote, gives bitwise what it gives without PDL, eagerly and replayed
 in a CUDA graph over fresh inputs. A kernel that read before its wait what the kernel before it
 writes would race and differ: the chain writes each step's K/V into the cache with the q/k kernel
-right before the attention kernel that reads (and prefetches) the cache, and changes the step's
+right before the attention kernel that reads the cache, and changes the step's
 positions, slots and context lengths from one input to the next.
 Needs a Hopper or later GPU (PDL); skips elsewhere, the interpreter included.
 """

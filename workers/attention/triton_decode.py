@@ -40,8 +40,9 @@ def _decode_kernel(
     end = tl.minimum(start + split_len, seq_len)
     bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
     kv_head_off = kv_head * stride_kh
-    # the order and seq_lens are step inputs, never written by the kernel before (the q/k kernel):
-    # with PDL their two dependent loads run while it finishes
+    # seq_lens is a step input and the order is sorted once, by torch kernels before the first
+    # layer's attention (without PDL, so complete before this one starts): neither comes from the
+    # kernel right before (the q/k kernel), so with PDL their dependent loads run while it finishes
     pdl_enter(USE_PDL)
 
     offs_h = tl.arange(0, BLOCK_H)

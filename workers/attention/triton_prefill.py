@@ -101,8 +101,8 @@ def _prefill_kernel(
     USE_PDL: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
-    # the tile map is made once per forward, before the first layer's attention: no kernel right
-    # before this one writes it
+    # the tile map is made once per forward by torch kernels before the first layer's attention
+    # (without PDL, so complete before this one starts): read it before the wait
     num_tiles = tl.load(tile_starts_ptr + num_seqs)
     pdl_enter(USE_PDL)
     if ONE_SPLIT:
