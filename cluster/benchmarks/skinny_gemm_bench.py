@@ -1,12 +1,12 @@
-"""cuBLAS against the skinny Triton GEMM (workers/layers/skinny_gemm.py) at a few rows, on
-Qwen3-0.6B's projection shapes and its lm_head.
+"""cuBLAS against the skinny Triton GEMM (workers/layers/skinny_gemm.py) at a few rows, on a
+Qwen3 size's projection shapes (unsharded) and its lm_head: Qwen3-0.6B unless --model names another.
 
 Each timing replays a CUDA graph of 28 calls of one shape (two for the lm_head), each on its own
 weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, as in a decode
 step. floor_us is the weight's bytes at --copy-tbps. --sweep also times every (BLOCK_N, BLOCK_K,
 warps, stages) in a grid and prints the four fastest with their error against cuBLAS.
 
-  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep]
+  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep] [--model Qwen/Qwen3-8B]
 """
 import argparse
 import itertools
@@ -15,12 +15,24 @@ import json
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 
 from workers.layers.skinny_gemm import skinny_gemm
+from workers.model_configs import BUILTIN_CONFIGS
 
-SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
-          "lm_head": (151936, 1024)}  # (N, K)
+
+def shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each projection of a built-in Qwen3 size, one GPU's (no tensor parallelism)."""
+    c = BUILTIN_CONFIGS[model]
+    q, kv, hidden, inter = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], \
+        c["hidden_size"], c["intermediate_size"]
+    return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter),
+            "lm_head": (c["vocab_size"], hidden)}
+
 SWEEP = list(itertools.product([16, 32, 64], [128, 256, 512], [2, 4], [3, 5]))
+# --sweep-large: fewer K blocks, more stages and the L2 prefetch on and off, for the large sizes'
+# shapes (a weight slice per program many times larger than at 0.6B)
+SWEEP_LARGE = list(itertools.product([16, 32, 64], [128, 256], [2, 4], [3, 4, 6]))
 
 
 def graph_us(fn, calls: int) -> float:
@@ -36,11 +48,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,16")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-large", action="store_true", help="SWEEP_LARGE, each with and without the L2 prefetch")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B", choices=sorted(BUILTIN_CONFIGS))
     p.add_argument("--copy-tbps", type=float, default=3.0, help="for floor_us (an H100's copy: ~3.0)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes(args.model).items():
         calls = 2 if name == "lm_head" else 28
         weights = [torch.randn(n, k, dtype=dtype, device="cuda") * 0.02 for _ in range(calls)]
         for m in (int(r) for r in args.rows.split(",")):
@@ -53,15 +67,28 @@ def main(argv=None) -> None:
                 us = graph_us(lambda: [skinny_gemm(x, w, out=o, **config) for w, o in zip(weights, outs)], calls)
                 return us, float((got - ref).abs().max() / ref.abs().max())
 
-            row = {"bench": "skinny_gemm", "device": torch.cuda.get_device_name(), "shape": name, "rows": m,
+            row = {"bench": "skinny_gemm", "device": torch.cuda.get_device_name(), "model": args.model,
+                   "shape": name, "rows": m,
                    "n": n, "k": k, "floor_us": n * k * 2 / (args.copy_tbps * 1e6),
                    "cublas_us": graph_us(lambda: [torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)], calls)}
             row["skinny_us"], row["rel_err_vs_cublas"] = time_config()
-            if args.sweep:
-                timed = sorted((*time_config(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns), bn, bk, nw, ns)
-                               for bn, bk, nw, ns in SWEEP if bk <= k)
-                row["fastest"] = [dict(zip(("us", "rel_err", "block_n", "block_k", "warps", "stages"), t))
-                                  for t in timed[:4]]
+            row["skinny_no_prefetch_us"] = time_config(prefetch=False)[0]
+            if args.sweep or args.sweep_large:
+                grid = ([(*c, None) for c in SWEEP] if args.sweep else
+                        [(*c, p) for c in SWEEP_LARGE for p in (True, False)])
+                timed = []
+                for bn, bk, nw, ns, pf in grid:
+                    if bk > k:
+                        continue
+                    try:
+                        us, err = time_config(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, prefetch=pf)
+                    except OutOfResources:  # more shared memory than the card has: not a candidate
+                        continue
+                    timed.append((us, err, bn, bk, nw, ns, pf))
+                timed.sort(key=lambda t: t[0])
+                row["fastest"] = [dict(zip(("us", "rel_err", "block_n", "block_k", "warps", "stages", "prefetch"), t))
+                                  for t in timed[:6]]
+                row["timed"] = [[round(t[0], 2), *t[2:]] for t in timed]  # us, block_n, block_k, warps, stages, prefetch
             print(json.dumps(row), flush=True)
 
 
