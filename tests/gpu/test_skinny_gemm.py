@@ -66,3 +66,22 @@ def test_linear_takes_the_skinny_gemm_up_to_max_rows_only(monkeypatch):
     monkeypatch.setattr(linear_module, "SKINNY_GEMM_ENABLED", False)
     linear_module.linear(torch.randn(2, 256, device=DEVICE).to(torch.float16), weight)
     assert calls == [1, MAX_ROWS], "FOLOVLLM_SKINNY_GEMM=0 keeps cuBLAS"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the L2 prefetch is a CUDA instruction (PDL launches only)")
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1000, 304)])
+def test_the_l2_prefetch_leaves_the_product_unchanged(n, k):
+    gen = torch.Generator(device=DEVICE).manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(torch.bfloat16)
+    x = torch.randn(4, k, generator=gen, device=DEVICE).to(torch.bfloat16)
+    streamed = skinny_gemm(x, weight, prefetch=False)
+    assert torch.equal(skinny_gemm(x, weight, prefetch=True), streamed)
+    assert torch.equal(skinny_gemm(x, weight), streamed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the prefetch rule reads the card's L2 size")
+def test_only_weights_well_inside_l2_are_prefetched():
+    limit = torch.cuda.get_device_properties(0).L2_cache_size // skinny_module._PREFETCH_L2_FRACTION
+    small = torch.empty(limit // 2 // 1024, 512, dtype=torch.bfloat16, device=DEVICE)  # limit / 2 bytes
+    large = torch.empty(limit // 1024 + 1, 512, dtype=torch.bfloat16, device=DEVICE)  # just past the limit
+    assert skinny_module._fits_l2(small) and not skinny_module._fits_l2(large)

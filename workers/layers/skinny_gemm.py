@@ -10,6 +10,8 @@ depend on timing); the few x rows come from L2.
 
 CUDA graphs: no host sync; the grid depends only on N. CPU tensors run under TRITON_INTERPRET=1.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -61,13 +63,39 @@ _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 16, 256, 2, 5
 # wait; three stages (less shared memory each) then beat five: 56 chained GEMMs of the four
 # shapes at 1 row took 5.32 us each against 5.71 without PDL (H100, s9-call2)
 _NUM_STAGES_PDL = 3
+# The prefetch pays only while the weight stays in L2 until its programs read it. A weight of more
+# than a fifth of L2, prefetched beside the kernel before, evicts its own lines and is read twice:
+# at 4 rows Qwen3-8B's projections took 1.4-1.6x as long with it, its lm_head 667 against 411 us
+# (H100, skinny_gemm_bench, s11-call4). Qwen3-0.6B's 4-8 MiB qkv, o and down gain up to 1.5 us
+# each from it; its 12 MiB gate_up and its lm_head lose a little.
+_PREFETCH_L2_FRACTION = 5
+# Without the prefetch a program streams its slice from HBM. Over long rows a fourth stage in
+# flight pays: Qwen3-8B's o, gate_up and down (K 4096-12288) took 0.3-6% less time with it
+# (its qkv 8% more), while Qwen3-0.6B's gate_up (K 1024) took 7% more (H100, s11-call4 and -5)
+_STREAM_LONG_K, _NUM_STAGES_STREAM_LONG_K = 2048, 4
+
+
+@functools.cache
+def _prefetch_max_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size // _PREFETCH_L2_FRACTION
+
+
+def _fits_l2(weight: torch.Tensor) -> bool:
+    return weight.numel() * weight.element_size() <= _prefetch_max_bytes(weight.device.index)
+
+
+def _stages(pdl: bool, prefetch: bool, k: int) -> int:
+    if not pdl:
+        return _NUM_STAGES
+    return _NUM_STAGES_STREAM_LONG_K if not prefetch and k >= _STREAM_LONG_K else _NUM_STAGES_PDL
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
                 block_n: int | None = None, block_k: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, num_stages: int | None = None,
+                prefetch: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, unit stride along K), weight [N, K] contiguous -> x @ weight.T [M, N].
-    The block and launch arguments override the tuned defaults (skinny_gemm_bench --sweep)."""
+    The block, launch and prefetch arguments override the tuned defaults (skinny_gemm_bench --sweep)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype, (x.shape, weight.shape)
@@ -78,12 +106,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
         return out
     bn, bk = block_n or _BLOCK_N, block_k or _BLOCK_K
     pdl = use_pdl(x)
-    # a bulk prefetch needs 16-byte aligned rows
-    prefetch = pdl and (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
+    # a bulk prefetch needs 16-byte aligned rows; prefetch=None leaves it to the weight's size
+    aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
+    prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
     _skinny_gemm_kernel[(triton.cdiv(n, bn),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, USE_PDL=pdl, PREFETCH=prefetch,
         W_BYTES=weight.element_size(),
-        num_warps=num_warps or _NUM_WARPS, num_stages=num_stages or (_NUM_STAGES_PDL if pdl else _NUM_STAGES),
+        num_warps=num_warps or _NUM_WARPS,
+        num_stages=num_stages or _stages(pdl, prefetch, k),
         **launch_options(pdl))
     return out
