@@ -3,10 +3,12 @@ Qwen3 size's projection shapes (unsharded) and its lm_head: Qwen3-0.6B unless --
 
 Each timing replays a CUDA graph of 28 calls of one shape (two for the lm_head), each on its own
 weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, as in a decode
-step. floor_us is the weight's bytes at --copy-tbps. --sweep also times every (BLOCK_N, BLOCK_K,
-warps, stages) in a grid and prints the four fastest with their error against cuBLAS.
+step. floor_us is the weight's bytes at --copy-tbps; skinny_no_prefetch_us is the GEMM without its
+L2 prefetch. --sweep also times every (BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the
+six fastest with their error against cuBLAS (and every timing under "timed"); --sweep-large does
+the same over a grid for the larger sizes, each configuration with the prefetch on and off.
 
-  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep] [--model Qwen/Qwen3-8B]
+  python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep | --sweep-large] [--model Qwen/Qwen3-8B]
 """
 import argparse
 import itertools
