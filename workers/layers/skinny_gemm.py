@@ -69,25 +69,32 @@ _NUM_STAGES_PDL = 3
 # (H100, skinny_gemm_bench, s11-call4). Qwen3-0.6B's 4-8 MiB qkv, o and down gain up to 1.5 us
 # each from it; its 12 MiB gate_up and its lm_head lose a little.
 _PREFETCH_L2_FRACTION = 5
-# Without the prefetch a program streams its slice from HBM. Over long rows a fourth stage in
-# flight pays: Qwen3-8B's o, gate_up and down (K 4096-12288) took 0.3-6% less time with it
-# (its qkv 8% more), while Qwen3-0.6B's gate_up (K 1024) took 7% more (H100, s11-call4 and -5)
-_STREAM_LONG_K, _NUM_STAGES_STREAM_LONG_K = 2048, 4
+# Without the prefetch a program streams its slice from HBM. Where the grid leaves at most two
+# programs a SM, a fourth stage in flight pays; with more, three (four programs a SM fit in shared
+# memory at three, three at four). In the sweeps of Qwen3-1.7B's, 8B's and 32B's shapes at 4 rows,
+# every shape with N <= 4096 (256 programs of 16 columns) was 4-14% faster with four, every one
+# with N >= 5120 within 1% or up to 10% faster with three; 0.6B's and 4B's agree across calls
+# (H100, skinny_gemm_bench --sweep-large, s11-call4 and s11-call9)
+_NUM_STAGES_FEW_PROGRAMS, _FEW_PROGRAMS_PER_SM = 4, 2
 
 
 @functools.cache
-def _prefetch_max_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).L2_cache_size // _PREFETCH_L2_FRACTION
+def _card(device_index: int) -> tuple[int, int]:
+    """(prefetch limit in bytes, number of SMs) of a card."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.L2_cache_size // _PREFETCH_L2_FRACTION, props.multi_processor_count
 
 
 def _fits_l2(weight: torch.Tensor) -> bool:
-    return weight.numel() * weight.element_size() <= _prefetch_max_bytes(weight.device.index)
+    return weight.numel() * weight.element_size() <= _card(weight.device.index)[0]
 
 
-def _stages(pdl: bool, prefetch: bool, k: int) -> int:
+def _stages(pdl: bool, prefetch: bool, num_programs: int, device_index: int | None) -> int:
     if not pdl:
         return _NUM_STAGES
-    return _NUM_STAGES_STREAM_LONG_K if not prefetch and k >= _STREAM_LONG_K else _NUM_STAGES_PDL
+    if prefetch or num_programs > _FEW_PROGRAMS_PER_SM * _card(device_index)[1]:
+        return _NUM_STAGES_PDL
+    return _NUM_STAGES_FEW_PROGRAMS
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
@@ -109,11 +116,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
     # a bulk prefetch needs 16-byte aligned rows; prefetch=None leaves it to the weight's size
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
     prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
-    _skinny_gemm_kernel[(triton.cdiv(n, bn),)](
+    num_programs = triton.cdiv(n, bn)
+    _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, USE_PDL=pdl, PREFETCH=prefetch,
         W_BYTES=weight.element_size(),
         num_warps=num_warps or _NUM_WARPS,
-        num_stages=num_stages or _stages(pdl, prefetch, k),
+        num_stages=num_stages or _stages(pdl, prefetch, num_programs, weight.device.index),
         **launch_options(pdl))
     return out
