@@ -89,7 +89,7 @@ def _fits_l2(weight: torch.Tensor) -> bool:
     return weight.numel() * weight.element_size() <= _card(weight.device.index)[0]
 
 
-def _stages(pdl: bool, prefetch: bool, num_programs: int, device_index: int | None) -> int:
+def _stages(pdl: bool, prefetch: bool, num_programs: int, device_index: int) -> int:
     if not pdl:
         return _NUM_STAGES
     if prefetch or num_programs > _FEW_PROGRAMS_PER_SM * _card(device_index)[1]:
