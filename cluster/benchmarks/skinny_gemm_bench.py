@@ -90,7 +90,8 @@ def main(argv=None) -> None:
                 timed.sort(key=lambda t: t[0])
                 row["fastest"] = [dict(zip(("us", "rel_err", "block_n", "block_k", "warps", "stages", "prefetch"), t))
                                   for t in timed[:6]]
-                row["timed"] = [[round(t[0], 2), *t[2:]] for t in timed]  # us, block_n, block_k, warps, stages, prefetch
+                # every timing: [us, block_n, block_k, warps, stages, prefetch]
+                row["timed"] = [[round(t[0], 2), *t[2:]] for t in timed]
             print(json.dumps(row), flush=True)
 
 
