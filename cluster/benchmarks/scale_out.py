@@ -19,9 +19,11 @@ from pathlib import Path
 
 
 def _offline(args, bench: str, *extra: str) -> list[dict]:
-    """Run cluster.benchmarks.offline in a fresh process (a fresh Ray instance) and read its JSON lines."""
+    """Run cluster.benchmarks.offline in a fresh process (a fresh Ray instance) and read its JSON lines.
+    Its own results.jsonl and plots go to --out's offline/ folder: --out's results.jsonl holds each
+    result once, as this script emits it."""
     cmd = [sys.executable, "-m", "cluster.benchmarks.offline", bench, "--model", args.model, "--use-ray",
-           "--out", args.out, *(["--enforce-eager"] if args.enforce_eager else []), *extra]
+           "--out", str(Path(args.out) / "offline"), *(["--enforce-eager"] if args.enforce_eager else []), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])

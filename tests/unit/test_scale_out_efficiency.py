@@ -25,3 +25,19 @@ def test_a_lone_size_reports_no_efficiency_unless_dp1_is_given(monkeypatch, tmp_
     assert alone[0]["efficiency"] is None and alone[0]["dp1_from"] is None
     given = _run(monkeypatch, tmp_path / "given", ["--sizes", "4", "--dp1-tok-per-s", "1200"], {4: 600.0})
     assert given[0]["efficiency"] == 0.5 and given[0]["dp1_from"] == "--dp1-tok-per-s"
+
+
+def test_each_result_is_written_once(monkeypatch, tmp_path):
+    """The offline subprocess writes its own lines under offline/; --out holds scale_out's only."""
+    commands = []
+
+    def fake_run(cmd, capture_output, text):
+        commands.append(cmd)
+        line = json.dumps({"bench": "latency", "tp": 4, "batch": 1, "mean_tpot_ms": 1.0})
+        return type("Done", (), {"returncode": 0, "stdout": line + "\n", "stderr": ""})()
+
+    monkeypatch.setattr(scale_out.subprocess, "run", fake_run)
+    scale_out.main(["tp", "--perf-only", "--sizes", "4", "--out", str(tmp_path)])
+    assert commands[0][commands[0].index("--out") + 1] == str(tmp_path / "offline")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["bench"] for r in rows] == ["tp_latency"]
