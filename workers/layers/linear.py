@@ -11,25 +11,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.rmsnorm import fused_ops_for
+from workers.layers.activation import SiluAndMul
+from workers.layers.rmsnorm import RMSNorm, fused_ops_for
 from workers.parallel import TensorParallelGroup, divide
 
 # FOLOVLLM_SKINNY_GEMM=0 keeps cuBLAS for steps of a few rows too (to compare the two)
 SKINNY_GEMM_ENABLED = os.environ.get("FOLOVLLM_SKINNY_GEMM", "1") != "0"
+# FOLOVLLM_FUSE_INTO_GEMM=0 keeps the decoder's norms and SiLU-mul as kernels of their own before
+# the skinny GEMM (forward_normed, forward_silu_mul), to compare; tests flip it at run time
+FUSE_INTO_GEMM = os.environ.get("FOLOVLLM_FUSE_INTO_GEMM", "1") != "0"
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 SKINNY_MAX_ROWS = 16  # workers/layers/skinny_gemm.MAX_ROWS, here so that this module imports without Triton
+
+
+def _takes_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether x @ weight.T (x [T, in]) runs as the skinny Triton GEMM: at most 16 rows on CUDA."""
+    return (SKINNY_GEMM_ENABLED and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
+            and x.stride(-1) == 1 and x.dtype in _SKINNY_DTYPES and weight.is_contiguous()
+            and fused_ops_for(x, weight) is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; x [T, in] of at most 16 rows on CUDA goes through the skinny Triton GEMM
     (workers/layers/skinny_gemm.py): batch-1..16 decode steps and small prefix-cache hits, where
     it took Qwen3-0.6B's layer from 27.3 to 25.1 us and its lm_head from 117 to 107 us (H100)."""
-    if (SKINNY_GEMM_ENABLED and bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
-            and x.stride(-1) == 1 and x.dtype in _SKINNY_DTYPES and weight.is_contiguous()
-            and fused_ops_for(x, weight) is not None):
+    if _takes_skinny(x, weight, bias):
         from workers.layers.skinny_gemm import skinny_gemm
         return skinny_gemm(x, weight)
     return F.linear(x, weight, bias)
+
+
+_SILU_AND_MUL = SiluAndMul()
 
 
 class LinearBase(nn.Module):
@@ -71,6 +83,19 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / tp]
         return linear(x, self.weight, self.bias)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor,
+                       residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual); residual None: (self(norm(x)), x). A step of at
+        most 16 rows runs the norm inside the skinny GEMM: one kernel fewer (the decoder's two
+        norms a layer were ~10% of a batch-1 decode graph's kernels)."""
+        if FUSE_INTO_GEMM and _takes_skinny(x, self.weight, self.bias) and norm.weight.dtype == x.dtype:
+            from workers.layers.skinny_gemm import skinny_gemm_add_rms_norm
+            return skinny_gemm_add_rms_norm(x, residual, norm.weight, norm.eps, self.weight)
+        if residual is None:
+            return self(norm(x)), x
+        h, residual = norm.forward_with_residual(x, residual)
+        return self(h), residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -114,3 +139,11 @@ class RowParallelLinear(LinearBase):
         # The bias is added once, after the reduction, not once per rank.
         y = self.parallel.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * in / tp] -> [T, out]
+        """self(silu(gate) * up) of a packed gate_up (gate | up, this rank's slices). A step of at
+        most 16 rows runs SiLU-mul inside the skinny GEMM, one kernel fewer."""
+        if FUSE_INTO_GEMM and _takes_skinny(gate_up, self.weight, self.bias):
+            from workers.layers.skinny_gemm import skinny_gemm_silu_mul
+            return self.parallel.all_reduce(skinny_gemm_silu_mul(gate_up, self.weight))  # no bias here
+        return self(_SILU_AND_MUL(gate_up))

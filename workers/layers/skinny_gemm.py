@@ -17,15 +17,22 @@ import triton
 import triton.language as tl
 
 from workers.layers.pdl import launch_options, pdl_enter, prefetch_l2, use_pdl
+from workers.layers.triton_ops import NO_FMA, residual_add, rms_scale, silu_mul
 
 MAX_ROWS = 16  # tl.dot's smallest M; more rows than this go to cuBLAS
+
+
+# What a GEMM does to its x rows as it loads them, so that the small kernel before it need not run:
+_PLAIN, _SILU_MUL, _ADD_RMS_NORM = 0, 1, 2
 
 
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    r_ptr, stride_rm, norm_w_ptr, r_out_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     if PREFETCH:  # the weight slice is the step's input-independent part: fetch it before the wait
         first = tl.program_id(0) * BLOCK_N
@@ -37,20 +44,46 @@ def _skinny_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    dtype = out_ptr.dtype.element_ty
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PROLOGUE == 2:  # _ADD_RMS_NORM: every program takes its rows' inverse RMS over all of K first
+        r_rows = r_ptr + offs_m[:, None] * stride_rm
+        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask = m_mask[:, None] & (k < K)[None, :]
+            h = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                h = residual_add(h, tl.load(r_rows + k[None, :], mask=mask, other=0.0), dtype)
+            if HAS_RESIDUAL and tl.program_id(0) == 0:  # one program writes the new residual stream
+                tl.store(r_out_ptr + offs_m[:, None] * K + k[None, :], h, mask=mask)
+            h = h.to(tl.float32)
+            squares += h * h
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) * (1.0 / K) + eps)[:, None]  # torch's mean: * 1/K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         if EVEN_K:
-            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+            x_mask = m_mask[:, None]
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
         else:
             k_mask = k < K
-            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            x_mask = m_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if PROLOGUE == 1:  # _SILU_MUL: x rows are [gate (K) | up (K)]
+            gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = silu_mul(gate, tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32), dtype)
+        elif PROLOGUE == 2:
+            x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+            if HAS_RESIDUAL:
+                x = residual_add(x, tl.load(r_rows + k[None, :], mask=x_mask, other=0.0), dtype)
+            norm_w = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+            x = rms_scale(x.to(tl.float32), rstd, norm_w, dtype)
+        else:
+            x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -103,9 +136,50 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
                 prefetch: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, unit stride along K), weight [N, K] contiguous -> x @ weight.T [M, N].
     The block, launch and prefetch arguments override the tuned defaults (skinny_gemm_bench --sweep)."""
+    assert x.shape[1] == weight.shape[1], (x.shape, weight.shape)
+    return _launch(x, weight, out, _PLAIN, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                   num_stages=num_stages, prefetch=prefetch)
+
+
+def skinny_gemm_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [M, 2K] (gate | up), weight [N, K] -> (silu(gate) * up) @ weight.T [M, N]: an MLP's
+    triton_ops.silu_and_mul and down projection in one kernel, the activations rounded as that
+    kernel rounds them, so the product is the one the two kernels give."""
+    assert gate_up.shape[1] == 2 * weight.shape[1], (gate_up.shape, weight.shape)
+    return _launch(gate_up, weight, out, _SILU_MUL)
+
+
+def skinny_gemm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                             eps: float, weight: torch.Tensor,
+                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [M, K], norm_weight [K], weight [N, K] -> (RMSNorm(x + residual) @ weight.T [M, N],
+    x + residual [M, K] contiguous): triton_ops.fused_add_rms_norm and the projection after it in one
+    kernel. residual None: RMSNorm(x) @ weight.T, and x itself as the residual stream.
+
+    Every program computes its rows' inverse RMS over all of K (the rows are few and in L2) and
+    the first also writes the sum, so no kernel runs between the two. The normalised activations
+    are rounded where the norm kernel rounds them; only the float32 sum of squares runs in another
+    order, so an activation may differ from the two kernels' by an ulp now and then."""
     m, k = x.shape
-    n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype, (x.shape, weight.shape)
+    assert weight.shape[1] == k and norm_weight.shape == (k,) and norm_weight.dtype == x.dtype
+    residual_out = x
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+        residual_out = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    out = _launch(x, weight, out, _ADD_RMS_NORM, residual=residual, norm_weight=norm_weight, eps=eps,
+                  residual_out=residual_out)
+    return out, residual_out
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, prologue: int,
+            residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residual_out: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None,
+            prefetch: bool | None = None) -> torch.Tensor:
+    m = x.shape[0]
+    n, k = weight.shape
+    assert m <= MAX_ROWS and x.dtype == weight.dtype, (x.shape, weight.shape)
     assert x.stride(-1) == 1 and weight.is_contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -117,11 +191,15 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
     prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
     num_programs = triton.cdiv(n, bn)
+    r = residual if residual is not None else x  # unused without a residual
     _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        r, r.stride(0), norm_weight if norm_weight is not None else weight,
+        residual_out if residual_out is not None else out, eps,
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, USE_PDL=pdl, PREFETCH=prefetch,
-        W_BYTES=weight.element_size(),
+        W_BYTES=weight.element_size(), PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         num_warps=num_warps or _NUM_WARPS,
         num_stages=num_stages or _stages(pdl, prefetch, num_programs, weight.device.index),
-        **launch_options(pdl))
+        # the prologues round as triton_ops' kernels do, which need each product rounded (no FMA)
+        **(NO_FMA if prologue != _PLAIN else {}), **launch_options(pdl))
     return out

@@ -20,9 +20,33 @@ from triton.language.extra import libdevice
 
 from workers.layers.pdl import launch_options, pdl_enter, use_pdl
 
-_NO_FMA = dict(enable_fp_fusion=False)
+NO_FMA = dict(enable_fp_fusion=False)
 # Triton's interpreter has no libdevice: numpy's exp stands in for expf there.
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def residual_add(x, r, dtype):
+    """x + r rounded to the model dtype first, as the torch add rounds it."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def rms_scale(h, rstd, weight, dtype):
+    """weight * (h * rstd), each product rounded to dtype as the torch path rounds it (h, weight float32)."""
+    return (weight * (h * rstd).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def silu_mul(gate, up, dtype):
+    """F.silu(gate) * up (both float32 in): x / (1 + expf(-x)) in float32 rounded to dtype, then the
+    product rounded again."""
+    if _LIBDEVICE:
+        exp_neg = libdevice.exp(-gate)
+    else:
+        exp_neg = tl.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype)
+    return (silu.to(tl.float32) * up).to(dtype)
 
 
 @triton.jit
@@ -37,15 +61,14 @@ def _rms_norm_kernel(
     mask = cols < N
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:  # the sum is rounded to the model dtype first, as the torch add does
-        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL:
+        x = residual_add(x, tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0), dtype)
         tl.store(residual_out_ptr + row * N + cols, x, mask=mask)
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) * (1.0 / N)  # torch's mean multiplies by 1/N
-    normed = (h * tl.math.rsqrt(mean_sq + eps)).to(dtype)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+    tl.store(out_ptr + row * N + cols, rms_scale(h, tl.math.rsqrt(mean_sq + eps), w.to(tl.float32), dtype),
+             mask=mask)
 
 
 @triton.jit
@@ -120,16 +143,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I, BLOCK: tl.constexpr, USE_P
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
-    dtype = out_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    # F.silu: x / (1 + expf(-x)) in float32, rounded to dtype; then the product, rounded again
-    if _LIBDEVICE:
-        exp_neg = libdevice.exp(-gate)
-    else:
-        exp_neg = tl.exp(-gate)
-    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype)
-    tl.store(out_ptr + row * I + cols, (silu.to(tl.float32) * up).to(dtype), mask=mask)
+    tl.store(out_ptr + row * I + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +178,7 @@ def _launch_rms_norm(x, residual, weight, eps, out, residual_out):
             x2, r2, weight, out, residual_out if residual is not None else out,
             x2.stride(0), r2.stride(0), eps,
             N=n, BLOCK=block, HAS_RESIDUAL=residual is not None, USE_PDL=pdl, num_warps=_norm_warps(block),
-            **_NO_FMA, **launch_options(pdl))
+            **NO_FMA, **launch_options(pdl))
     return out, residual_out
 
 
@@ -221,7 +237,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
             cos_sin_cache.stride(0), eps,
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, TO_CACHE=kv_write is not None,
-            USE_PDL=pdl, num_warps=_norm_warps(block_hq * block_half), **_NO_FMA, **launch_options(pdl))
+            USE_PDL=pdl, num_warps=_norm_warps(block_hq * block_half), **NO_FMA, **launch_options(pdl))
     return q_out, (None if kv_write is not None else k_out)
 
 
@@ -233,6 +249,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if x2.shape[0] > 0 and inter > 0:
         block, pdl = min(1024, triton.next_power_of_2(inter)), use_pdl(x2)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), inter, BLOCK=block, USE_PDL=pdl, num_warps=4, **_NO_FMA,
+            x2, out, x2.stride(0), inter, BLOCK=block, USE_PDL=pdl, num_warps=4, **NO_FMA,
             **launch_options(pdl))
     return out
