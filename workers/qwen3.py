@@ -76,9 +76,9 @@ class Qwen3MLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm,
                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual [T, H] -> (mlp(norm(x + residual)), x + residual). A step of a few rows runs
-        the norm in gate_up's kernel and SiLU-mul in down's (workers/layers/skinny_gemm.py)."""
-        gate_up, residual = self.gate_up_proj.forward_normed(norm, x, residual)
-        return self.down_proj.forward_silu_mul(gate_up), residual
+        the norm and SiLU-mul in gate_up's kernel (workers/layers/skinny_gemm.py)."""
+        act, residual = self.gate_up_proj.forward_normed_silu_mul(norm, x, residual)
+        return self.down_proj(act), residual
 
 
 class Qwen3DecoderLayer(nn.Module):

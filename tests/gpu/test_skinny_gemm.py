@@ -18,8 +18,7 @@ pytest.importorskip("triton")
 from workers.layers import linear as linear_module  # noqa: E402
 from workers.layers import skinny_gemm as skinny_module  # noqa: E402
 from workers.layers import triton_ops  # noqa: E402
-from workers.layers.skinny_gemm import (MAX_ROWS, skinny_gemm, skinny_gemm_add_rms_norm,  # noqa: E402
-                                        skinny_gemm_silu_mul)
+from workers.layers.skinny_gemm import MAX_ROWS, skinny_gemm, skinny_gemm_norm  # noqa: E402
 
 pytestmark = [pytest.mark.gpu]
 
@@ -90,40 +89,34 @@ def test_only_weights_well_inside_l2_are_prefetched():
     assert skinny_module._fits_l2(small) and not skinny_module._fits_l2(large)
 
 
-# The prologues: SiLU-mul and residual add + RMSNorm run in the GEMM instead of a kernel before it
-PROLOGUE_SHAPES = [(1024, 3072), (1000, 300)] if DEVICE == "cuda" else [(40, 300), (16, 256)]
+# The norm before a projection and the SiLU-mul after gate_up, run inside the GEMM
+FUSED_SHAPES = [(1024, 1024), (1000, 304)] if DEVICE == "cuda" else [(40, 300), (16, 256)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", PROLOGUE_SHAPES)
-@pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
-def test_silu_mul_in_the_gemm_gives_the_two_kernels_product(dtype, n, k, m):
-    gen = torch.Generator(device=DEVICE).manual_seed(m + n + k)
-    weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(dtype)
-    gate_up = (torch.randn(m, 2 * k + 8, generator=gen, device=DEVICE) * 3).to(dtype)[:, :2 * k]
-    two_kernels = skinny_gemm(triton_ops.silu_and_mul(gate_up), weight)
-    assert torch.equal(skinny_gemm_silu_mul(gate_up, weight), two_kernels)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", PROLOGUE_SHAPES)
-@pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rms_norm_in_the_gemm_matches_the_two_kernels(dtype, n, k, m, with_residual):
-    """The residual sum is bitwise the norm kernel's. The product may differ where the other order
-    of the float32 sum of squares moved a normalised activation by an ulp: each output stays within
-    one rounding of the float32 product of the norm kernel's activations, and nearly every output
-    is bitwise the two kernels' (a kernel that rounded at other points would leave few so)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(m * 5 + n + k)
+def _norm_inputs(m, n, k, dtype, with_residual, seed):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     weight = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.05).to(dtype)
     norm_weight = (1 + 0.2 * torch.randn(k, generator=gen, device=DEVICE)).to(dtype)
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
     residual = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype) if with_residual else None
+    return x, residual, norm_weight, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", FUSED_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_the_norm_in_the_gemm_matches_the_two_kernels(dtype, n, k, m, with_residual):
+    """The residual sum is bitwise the norm kernel's. The product may differ where the other order
+    of the float32 sum of squares moved a normalised activation by an ulp: each output stays within
+    one rounding of the float32 product of the norm kernel's activations, and nearly every output
+    is bitwise the two kernels' (a kernel that rounded at other points would leave few so)."""
+    x, residual, norm_weight, weight = _norm_inputs(m, n, k, dtype, with_residual, seed=m * 5 + n + k)
     if with_residual:
         normed, summed = triton_ops.fused_add_rms_norm(x, residual, norm_weight, 1e-6)
     else:
         normed, summed = triton_ops.rms_norm(x, norm_weight, 1e-6), x
-    out, residual_out = skinny_gemm_add_rms_norm(x, residual, norm_weight, 1e-6, weight)
+    out, residual_out = skinny_gemm_norm(x, residual, norm_weight, 1e-6, weight)
     assert torch.equal(residual_out, summed)
     if not with_residual:
         assert residual_out is x, "without a residual the stream is x itself, not a copy"
@@ -133,10 +126,22 @@ def test_add_rms_norm_in_the_gemm_matches_the_two_kernels(dtype, n, k, m, with_r
     assert equal >= 0.9, f"only {equal:.1%} of the outputs equal the two kernels' product"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", FUSED_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
+def test_silu_mul_in_the_gemm_gives_silu_and_mul_of_its_product(dtype, n, k, m):
+    """gate_up [2n, k]: the kernel's n outputs are silu_and_mul of its own 2n-column product, bitwise."""
+    x, residual, norm_weight, gate_up = _norm_inputs(m, 2 * n, k, dtype, True, seed=m + n + k)
+    act, _ = skinny_gemm_norm(x, residual, norm_weight, 1e-6, gate_up, silu_mul=True)
+    product, _ = skinny_gemm_norm(x, residual, norm_weight, 1e-6, gate_up)
+    assert act.shape == (m, n)
+    assert torch.equal(act, triton_ops.silu_and_mul(product))
+
+
 @torch.inference_mode()
-def test_the_decoder_fuses_its_norms_and_silu_mul_into_the_gemms_at_few_rows(tiny_model_dir, monkeypatch):
-    """A step of <= MAX_ROWS tokens: two norm GEMMs and one SiLU-mul GEMM a layer, and hidden states
-    as the separate kernels give them, up to the rare ulp of the sum of squares' order."""
+def test_the_decoder_runs_its_norms_and_silu_mul_inside_the_gemms_at_few_rows(tiny_model_dir, monkeypatch):
+    """A step of <= MAX_ROWS tokens: the qkv and gate_up GEMMs take the norms (gate_up also SiLU-mul),
+    and the hidden states are the separate kernels', up to the rare ulp of the sum of squares' order."""
     from tests.conftest import PagedSeqs, allocate_kv_caches
     from workers.config import ModelConfig
     from workers.model_configs import resolve_model
@@ -145,9 +150,9 @@ def test_the_decoder_fuses_its_norms_and_silu_mul_into_the_gemms_at_few_rows(tin
     hf_config, _ = resolve_model(str(tiny_model_dir))
     model = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float16"), hf_config, DEVICE, torch.float16)
     calls = []
-    for name in ("skinny_gemm_add_rms_norm", "skinny_gemm_silu_mul"):
-        fn = getattr(skinny_module, name)
-        monkeypatch.setattr(skinny_module, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
+    fused = skinny_module.skinny_gemm_norm
+    monkeypatch.setattr(skinny_module, "skinny_gemm_norm",
+                        lambda *args, **kwargs: calls.append(kwargs.get("silu_mul", False)) or fused(*args, **kwargs))
 
     def forward(rows_per_seq):
         paged = PagedSeqs(block_size=4, num_blocks=64)
@@ -157,15 +162,15 @@ def test_the_decoder_fuses_its_norms_and_silu_mul_into_the_gemms_at_few_rows(tin
         return model(ids, positions, kv_caches, metadata).float()
 
     layers = hf_config.num_hidden_layers
-    fused = forward([5, 3, 1])
-    assert calls.count("skinny_gemm_add_rms_norm") == 2 * layers and calls.count("skinny_gemm_silu_mul") == layers
+    with_fusion = forward([5, 3, 1])
+    assert sorted(calls) == [False] * layers + [True] * layers, "qkv's norm, and gate_up's norm and SiLU-mul"
     monkeypatch.setattr(linear_module, "FUSE_INTO_GEMM", False)
     calls.clear()
     separate = forward([5, 3, 1])
     assert not calls, "FUSE_INTO_GEMM off runs the norm and SiLU-mul kernels"
     scale = separate.abs().amax(dim=1, keepdim=True)
-    assert ((fused - separate).abs() <= 4 * torch.finfo(torch.float16).eps * scale).all()
-    assert (fused == separate).float().mean() >= 0.9
+    assert ((with_fusion - separate).abs() <= 4 * torch.finfo(torch.float16).eps * scale).all()
+    assert (with_fusion == separate).float().mean() >= 0.9
     monkeypatch.setattr(linear_module, "FUSE_INTO_GEMM", True)
     forward([MAX_ROWS, 1])
     assert not calls, "more than MAX_ROWS rows keep cuBLAS and the separate kernels"

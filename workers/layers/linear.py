@@ -18,7 +18,7 @@ from workers.parallel import TensorParallelGroup, divide
 # FOLOVLLM_SKINNY_GEMM=0 keeps cuBLAS for steps of a few rows too (to compare the two)
 SKINNY_GEMM_ENABLED = os.environ.get("FOLOVLLM_SKINNY_GEMM", "1") != "0"
 # FOLOVLLM_FUSE_INTO_GEMM=0 keeps the decoder's norms and SiLU-mul as kernels of their own before
-# the skinny GEMM (forward_normed, forward_silu_mul), to compare; tests flip it at run time
+# the skinny GEMM (forward_normed, forward_normed_silu_mul), to compare; tests flip it at run time
 FUSE_INTO_GEMM = os.environ.get("FOLOVLLM_FUSE_INTO_GEMM", "1") != "0"
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 SKINNY_MAX_ROWS = 16  # workers/layers/skinny_gemm.MAX_ROWS, here so that this module imports without Triton
@@ -87,15 +87,19 @@ class ColumnParallelLinear(LinearBase):
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor,
                        residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual); residual None: (self(norm(x)), x). A step of at
-        most 16 rows runs the norm inside the skinny GEMM: one kernel fewer (the decoder's two
-        norms a layer were ~10% of a batch-1 decode graph's kernels)."""
-        if FUSE_INTO_GEMM and _takes_skinny(x, self.weight, self.bias) and norm.weight.dtype == x.dtype:
-            from workers.layers.skinny_gemm import skinny_gemm_add_rms_norm
-            return skinny_gemm_add_rms_norm(x, residual, norm.weight, norm.eps, self.weight)
-        if residual is None:
-            return self(norm(x)), x
-        h, residual = norm.forward_with_residual(x, residual)
+        most 16 rows runs the norm inside the skinny GEMM, one kernel fewer."""
+        if self._fuses(x, norm):
+            from workers.layers.skinny_gemm import skinny_gemm_norm
+            return skinny_gemm_norm(x, residual, norm.weight, norm.eps, self.weight)
+        h, residual = _norm(norm, x, residual)
         return self(h), residual
+
+    def _fuses(self, x: torch.Tensor, norm: RMSNorm) -> bool:
+        return FUSE_INTO_GEMM and _takes_skinny(x, self.weight, self.bias) and norm.weight.dtype == x.dtype
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (norm(x), x) if residual is None else norm.forward_with_residual(x, residual)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -110,6 +114,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = divide(sum(self.output_sizes[:shard_id]), self.tp_size)
         size = divide(self.output_sizes[shard_id], self.tp_size)
         param.data.narrow(0, offset, size).copy_(self._shard(loaded_weight, 0, size))
+
+    def forward_normed_silu_mul(self, norm: RMSNorm, x: torch.Tensor,
+                                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MLP's gate_up (two equal outputs, gate first): (silu(gate) * up of self(norm(x +
+        residual)), x + residual). A step of at most 16 rows runs the norm and SiLU-mul inside the
+        skinny GEMM: one kernel where there were three."""
+        assert len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
+        if self._fuses(x, norm):
+            from workers.layers.skinny_gemm import skinny_gemm_norm
+            return skinny_gemm_norm(x, residual, norm.weight, norm.eps, self.weight, silu_mul=True)
+        h, residual = _norm(norm, x, residual)
+        return _SILU_AND_MUL(self(h)), residual
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -140,10 +156,3 @@ class RowParallelLinear(LinearBase):
         y = self.parallel.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
-    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * in / tp] -> [T, out]
-        """self(silu(gate) * up) of a packed gate_up (gate | up, this rank's slices). A step of at
-        most 16 rows runs SiLU-mul inside the skinny GEMM, one kernel fewer."""
-        if FUSE_INTO_GEMM and _takes_skinny(gate_up, self.weight, self.bias):
-            from workers.layers.skinny_gemm import skinny_gemm_silu_mul
-            return self.parallel.all_reduce(skinny_gemm_silu_mul(gate_up, self.weight))  # no bias here
-        return self(_SILU_AND_MUL(gate_up))

@@ -22,8 +22,13 @@ from workers.layers.triton_ops import NO_FMA, residual_add, rms_scale, silu_mul
 MAX_ROWS = 16  # tl.dot's smallest M; more rows than this go to cuBLAS
 
 
-# What a GEMM does to its x rows as it loads them, so that the small kernel before it need not run:
-_PLAIN, _SILU_MUL, _ADD_RMS_NORM = 0, 1, 2
+@triton.jit
+def _to_dot_rows(x, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [ROWS, BLOCK_K] -> [BLOCK_M, BLOCK_K], row r = x[r % ROWS]: tl.dot takes 16 rows at least,
+    and the rows past the real ones (stored nowhere) need only be finite."""
+    if ROWS == BLOCK_M:
+        return x
+    return tl.reshape(tl.broadcast_to(x[None, :, :], [BLOCK_M // ROWS, ROWS, BLOCK_K]), [BLOCK_M, BLOCK_K])
 
 
 @triton.jit
@@ -32,59 +37,83 @@ def _skinny_gemm_kernel(
     r_ptr, stride_rm, norm_w_ptr, r_out_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, SILU_MUL: tl.constexpr,
 ):
+    """out = x @ w.T; with NORM, RMSNorm(x + residual) @ w.T (and x + residual to r_out); with
+    SILU_MUL, w is [gate (N rows) | up (N rows)] and out = silu(x @ gate.T) * (x @ up.T): a
+    program's BLOCK_N weight rows are BLOCK_N / 2 gate rows and the same up rows."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    j = tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        cols = tl.program_id(0) * HALF + j % HALF  # the output column each weight row serves
+        offs_n = cols + (j // HALF) * N
+        n_mask = cols < N
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + j
+        n_mask = offs_n < N
     if PREFETCH:  # the weight slice is the step's input-independent part: fetch it before the wait
-        first = tl.program_id(0) * BLOCK_N
-        prefetch_l2(w_ptr + first.to(tl.int64) * stride_wn,
-                    tl.minimum(BLOCK_N, N - first) * stride_wn * W_BYTES)
+        if SILU_MUL:
+            first = tl.program_id(0) * HALF
+            size = tl.minimum(HALF, N - first) * stride_wn * W_BYTES
+            prefetch_l2(w_ptr + first.to(tl.int64) * stride_wn, size)
+            prefetch_l2(w_ptr + (first + N).to(tl.int64) * stride_wn, size)
+        else:
+            first = tl.program_id(0) * BLOCK_N
+            prefetch_l2(w_ptr + first.to(tl.int64) * stride_wn,
+                        tl.minimum(BLOCK_N, N - first) * stride_wn * W_BYTES)
     pdl_enter(USE_PDL)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
     dtype = out_ptr.dtype.element_ty
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PROLOGUE == 2:  # _ADD_RMS_NORM: every program takes its rows' inverse RMS over all of K first
-        r_rows = r_ptr + offs_m[:, None] * stride_rm
-        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+    if NORM:
+        # the norm runs on the real rows only (M rounded up to a power of two, ROWS): every program
+        # repeats it, so each padding row of the 16 that tl.dot needs would cost as much again
+        offs_r = tl.arange(0, ROWS)
+        x_rows = x_ptr + offs_r[:, None] * stride_xm
+        res_rows = r_ptr + offs_r[:, None] * stride_rm
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # first the rows' inverse RMS over all of K
             k = k0 + offs_k
-            mask = m_mask[:, None] & (k < K)[None, :]
+            mask = (offs_r < M)[:, None] & (k < K)[None, :]
             h = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
             if HAS_RESIDUAL:
-                h = residual_add(h, tl.load(r_rows + k[None, :], mask=mask, other=0.0), dtype)
-            if HAS_RESIDUAL and tl.program_id(0) == 0:  # one program writes the new residual stream
-                tl.store(r_out_ptr + offs_m[:, None] * K + k[None, :], h, mask=mask)
+                h = residual_add(h, tl.load(res_rows + k[None, :], mask=mask, other=0.0), dtype)
+                if tl.program_id(0) == 0:  # one program writes the new residual stream
+                    tl.store(r_out_ptr + offs_r[:, None] * K + k[None, :], h, mask=mask)
             h = h.to(tl.float32)
             squares += h * h
         rstd = tl.math.rsqrt(tl.sum(squares, axis=1) * (1.0 / K) + eps)[:, None]  # torch's mean: * 1/K
+    else:
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         if EVEN_K:
-            x_mask = m_mask[:, None]
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
         else:
-            k_mask = k < K
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if PROLOGUE == 1:  # _SILU_MUL: x rows are [gate (K) | up (K)]
-            gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            x = silu_mul(gate, tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32), dtype)
-        elif PROLOGUE == 2:
-            x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+        if NORM:
+            mask = (offs_r < M)[:, None] & (k < K)[None, :]
+            x = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
             if HAS_RESIDUAL:
-                x = residual_add(x, tl.load(r_rows + k[None, :], mask=x_mask, other=0.0), dtype)
+                x = residual_add(x, tl.load(res_rows + k[None, :], mask=mask, other=0.0), dtype)
             norm_w = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-            x = rms_scale(x.to(tl.float32), rstd, norm_w, dtype)
+            x = _to_dot_rows(rms_scale(x.to(tl.float32), rstd, norm_w, dtype), ROWS, BLOCK_M, BLOCK_K)
+        elif EVEN_K:
+            x = tl.load(x_rows + k[None, :], mask=(offs_m < M)[:, None], other=0.0)
         else:
-            x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+            x = tl.load(x_rows + k[None, :], mask=(offs_m < M)[:, None] & (k < K)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if SILU_MUL:  # each product rounded to dtype first, as the GEMM's output and silu_and_mul round it
+        gate, up = tl.split(tl.permute(tl.reshape(acc.to(dtype), [BLOCK_M, 2, HALF]), (0, 2, 1)))
+        out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + out_cols[None, :],
+                 silu_mul(gate.to(tl.float32), up.to(tl.float32), dtype),
+                 mask=(offs_m < M)[:, None] & (out_cols < N)[None, :])
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype),
+                 mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): best or within 2% of best for all five Qwen3-0.6B
@@ -136,51 +165,42 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
                 prefetch: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, unit stride along K), weight [N, K] contiguous -> x @ weight.T [M, N].
     The block, launch and prefetch arguments override the tuned defaults (skinny_gemm_bench --sweep)."""
-    assert x.shape[1] == weight.shape[1], (x.shape, weight.shape)
-    return _launch(x, weight, out, _PLAIN, block_n=block_n, block_k=block_k, num_warps=num_warps,
+    return _launch(x, weight, out, block_n=block_n, block_k=block_k, num_warps=num_warps,
                    num_stages=num_stages, prefetch=prefetch)
 
 
-def skinny_gemm_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up [M, 2K] (gate | up), weight [N, K] -> (silu(gate) * up) @ weight.T [M, N]: an MLP's
-    triton_ops.silu_and_mul and down projection in one kernel, the activations rounded as that
-    kernel rounds them, so the product is the one the two kernels give."""
-    assert gate_up.shape[1] == 2 * weight.shape[1], (gate_up.shape, weight.shape)
-    return _launch(gate_up, weight, out, _SILU_MUL)
-
-
-def skinny_gemm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                             eps: float, weight: torch.Tensor,
-                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def skinny_gemm_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     weight: torch.Tensor, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [M, K], norm_weight [K], weight [N, K] -> (RMSNorm(x + residual) @ weight.T [M, N],
-    x + residual [M, K] contiguous): triton_ops.fused_add_rms_norm and the projection after it in one
-    kernel. residual None: RMSNorm(x) @ weight.T, and x itself as the residual stream.
+    x + residual [M, K]): triton_ops.fused_add_rms_norm and the projection after it in one kernel.
+    residual None: RMSNorm(x) @ weight.T, and x itself as the residual stream.
+    silu_mul: weight is [gate | up] ([2I, K]) and the first result silu(gate) * up [M, I], as
+    triton_ops.silu_and_mul makes it of the product: an MLP's norm, gate_up and SiLU-mul.
 
-    Every program computes its rows' inverse RMS over all of K (the rows are few and in L2) and
-    the first also writes the sum, so no kernel runs between the two. The normalised activations
-    are rounded where the norm kernel rounds them; only the float32 sum of squares runs in another
+    Every program computes its rows' inverse RMS over all of K (the rows are few and in L2) and the
+    first also writes the sum, so no kernel runs between the two. The normalised activations are
+    rounded where the norm kernel rounds them; only its float32 sum of squares runs in another
     order, so an activation may differ from the two kernels' by an ulp now and then."""
     m, k = x.shape
-    assert weight.shape[1] == k and norm_weight.shape == (k,) and norm_weight.dtype == x.dtype
+    assert norm_weight.shape == (k,) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
     residual_out = x
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
         residual_out = torch.empty(m, k, dtype=x.dtype, device=x.device)
-    out = _launch(x, weight, out, _ADD_RMS_NORM, residual=residual, norm_weight=norm_weight, eps=eps,
-                  residual_out=residual_out)
+    out = _launch(x, weight, None, residual=residual, norm_weight=norm_weight, eps=eps,
+                  residual_out=residual_out, silu_mul=silu_mul)
     return out, residual_out
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, prologue: int,
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual_out: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
-            num_warps: int | None = None, num_stages: int | None = None,
+            residual_out: torch.Tensor | None = None, silu_mul: bool = False, block_n: int | None = None,
+            block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
             prefetch: bool | None = None) -> torch.Tensor:
-    m = x.shape[0]
-    n, k = weight.shape
-    assert m <= MAX_ROWS and x.dtype == weight.dtype, (x.shape, weight.shape)
-    assert x.stride(-1) == 1 and weight.is_contiguous()
+    m, k = x.shape
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]  # output columns
+    assert m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype, (x.shape, weight.shape)
+    assert x.stride(-1) == 1 and weight.is_contiguous() and (not silu_mul or weight.shape[0] % 2 == 0)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -190,16 +210,17 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, pro
     # a bulk prefetch needs 16-byte aligned rows; prefetch=None leaves it to the weight's size
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
     prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
-    num_programs = triton.cdiv(n, bn)
+    num_programs = triton.cdiv(n, bn // 2 if silu_mul else bn)
+    norm = norm_weight is not None
     r = residual if residual is not None else x  # unused without a residual
     _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        r, r.stride(0), norm_weight if norm_weight is not None else weight,
-        residual_out if residual_out is not None else out, eps,
+        r, r.stride(0), norm_weight if norm else weight, residual_out if residual_out is not None else out, eps,
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, USE_PDL=pdl, PREFETCH=prefetch,
-        W_BYTES=weight.element_size(), PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
+        W_BYTES=weight.element_size(), NORM=norm, HAS_RESIDUAL=residual is not None,
+        ROWS=triton.next_power_of_2(m) if norm else MAX_ROWS, SILU_MUL=silu_mul,
         num_warps=num_warps or _NUM_WARPS,
         num_stages=num_stages or _stages(pdl, prefetch, num_programs, weight.device.index),
-        # the prologues round as triton_ops' kernels do, which need each product rounded (no FMA)
-        **(NO_FMA if prologue != _PLAIN else {}), **launch_options(pdl))
+        # the norm and SiLU-mul round as triton_ops' kernels do, which need each product rounded
+        **(NO_FMA if norm or silu_mul else {}), **launch_options(pdl))
     return out
