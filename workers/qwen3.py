@@ -49,14 +49,10 @@ class Qwen3Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata, norm: RMSNorm,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual [T, H] -> (attention(norm(x + residual)), x + residual); the norm runs in the
-        qkv projection's kernel where it can (qkv_proj.forward_normed).
-        kv_cache [2, num_blocks, block_size, Hkv, D]."""
-        qkv, residual = self.qkv_proj.forward_normed(norm, x, residual)
-        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # x [T, H]; kv_cache [2, num_blocks, block_size, Hkv, D]
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                          self.num_kv_heads * self.head_dim], dim=-1)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         # a backend that takes K/V already in the cache lets the q/k kernel write them there
         kv_write = (v, kv_cache, attn_metadata.slot_mapping) if self.attn.takes_written_kv else None
@@ -64,7 +60,7 @@ class Qwen3Attention(nn.Module):
                                                k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                                                self.q_norm, self.k_norm, kv_write)  # [T, Hq, D], [T, Hkv, D] or None
         o = self.attn.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.flatten(1)), residual  # [T, H]
+        return self.o_proj(o.flatten(1))  # [T, H]
 
 
 class Qwen3MLP(nn.Module):
@@ -73,12 +69,8 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, parallel)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, parallel)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm,
-                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual [T, H] -> (mlp(norm(x + residual)), x + residual). A step of a few rows runs
-        the norm and SiLU-mul in gate_up's kernel (workers/layers/skinny_gemm.py)."""
-        act, residual = self.gate_up_proj.forward_normed_silu_mul(norm, x, residual)
-        return self.down_proj(act), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -94,10 +86,14 @@ class Qwen3DecoderLayer(nn.Module):
                 attn_metadata: AttentionMetadata,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual [T, H] -> (x, residual) [T, H]: the layer's output is x + residual, an add left
-        # to the next norm (fused with it on CUDA, and with the projection after it at a few rows).
-        # residual None: x is the embedding.
-        h, residual = self.self_attn(positions, x, kv_cache, attn_metadata, self.input_layernorm, residual)
-        return self.mlp(h, self.post_attention_layernorm, residual)
+        # to the next norm (fused with it on CUDA). residual None: x is the embedding.
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.forward_with_residual(x, residual)
+        h = self.self_attn(positions, h, kv_cache, attn_metadata)
+        h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):

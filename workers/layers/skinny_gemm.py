@@ -17,31 +17,20 @@ import triton
 import triton.language as tl
 
 from workers.layers.pdl import launch_options, pdl_enter, prefetch_l2, use_pdl
-from workers.layers.triton_ops import NO_FMA, residual_add, rms_scale, silu_mul
+from workers.layers.triton_ops import NO_FMA, silu_mul
 
 MAX_ROWS = 16  # tl.dot's smallest M; more rows than this go to cuBLAS
 
 
 @triton.jit
-def _to_dot_rows(x, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x [ROWS, BLOCK_K] -> [BLOCK_M, BLOCK_K], row r = x[r % ROWS]: tl.dot takes 16 rows at least,
-    and the rows past the real ones (stored nowhere) need only be finite."""
-    if ROWS == BLOCK_M:
-        return x
-    return tl.reshape(tl.broadcast_to(x[None, :, :], [BLOCK_M // ROWS, ROWS, BLOCK_K]), [BLOCK_M, BLOCK_K])
-
-
-@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    r_ptr, stride_rm, norm_w_ptr, r_out_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr, SILU_MUL: tl.constexpr,
 ):
-    """out = x @ w.T; with NORM, RMSNorm(x + residual) @ w.T (and x + residual to r_out); with
-    SILU_MUL, w is [gate (N rows) | up (N rows)] and out = silu(x @ gate.T) * (x @ up.T): a
-    program's BLOCK_N weight rows are BLOCK_N / 2 gate rows and the same up rows."""
+    """out = x @ w.T; with SILU_MUL, w is [gate (N rows) | up (N rows)] and out = silu(x @ gate.T)
+    * (x @ up.T): a program's BLOCK_N weight rows are BLOCK_N / 2 gate rows and the same up rows,
+    so its epilogue has both halves of its outputs and no work is repeated across programs."""
     HALF: tl.constexpr = BLOCK_N // 2
     j = tl.arange(0, BLOCK_N)
     if SILU_MUL:
@@ -62,58 +51,32 @@ def _skinny_gemm_kernel(
             prefetch_l2(w_ptr + first.to(tl.int64) * stride_wn,
                         tl.minimum(BLOCK_N, N - first) * stride_wn * W_BYTES)
     pdl_enter(USE_PDL)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
-    dtype = out_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if NORM:
-        # the norm runs on the real rows only (M rounded up to a power of two, ROWS): every program
-        # repeats it, so each padding row of the 16 that tl.dot needs would cost as much again
-        offs_r = tl.arange(0, ROWS)
-        x_rows = x_ptr + offs_r[:, None] * stride_xm
-        res_rows = r_ptr + offs_r[:, None] * stride_rm
-        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # first the rows' inverse RMS over all of K
-            k = k0 + offs_k
-            mask = (offs_r < M)[:, None] & (k < K)[None, :]
-            h = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                h = residual_add(h, tl.load(res_rows + k[None, :], mask=mask, other=0.0), dtype)
-                if tl.program_id(0) == 0:  # one program writes the new residual stream
-                    tl.store(r_out_ptr + offs_r[:, None] * K + k[None, :], h, mask=mask)
-            h = h.to(tl.float32)
-            squares += h * h
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) * (1.0 / K) + eps)[:, None]  # torch's mean: * 1/K
-    else:
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         if EVEN_K:
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
         else:
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
-        if NORM:
-            mask = (offs_r < M)[:, None] & (k < K)[None, :]
-            x = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                x = residual_add(x, tl.load(res_rows + k[None, :], mask=mask, other=0.0), dtype)
-            norm_w = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-            x = _to_dot_rows(rms_scale(x.to(tl.float32), rstd, norm_w, dtype), ROWS, BLOCK_M, BLOCK_K)
-        elif EVEN_K:
-            x = tl.load(x_rows + k[None, :], mask=(offs_m < M)[:, None], other=0.0)
-        else:
-            x = tl.load(x_rows + k[None, :], mask=(offs_m < M)[:, None] & (k < K)[None, :], other=0.0)
+            k_mask = k < K
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    dtype = out_ptr.dtype.element_ty
     if SILU_MUL:  # each product rounded to dtype first, as the GEMM's output and silu_and_mul round it
         gate, up = tl.split(tl.permute(tl.reshape(acc.to(dtype), [BLOCK_M, 2, HALF]), (0, 2, 1)))
         out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         tl.store(out_ptr + offs_m[:, None] * stride_om + out_cols[None, :],
                  silu_mul(gate.to(tl.float32), up.to(tl.float32), dtype),
-                 mask=(offs_m < M)[:, None] & (out_cols < N)[None, :])
+                 mask=m_mask[:, None] & (out_cols < N)[None, :])
     else:
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(dtype),
-                 mask=(offs_m < M)[:, None] & n_mask[None, :])
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): best or within 2% of best for all five Qwen3-0.6B
@@ -169,38 +132,21 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
                    num_stages=num_stages, prefetch=prefetch)
 
 
-def skinny_gemm_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                     weight: torch.Tensor, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [M, K], norm_weight [K], weight [N, K] -> (RMSNorm(x + residual) @ weight.T [M, N],
-    x + residual [M, K]): triton_ops.fused_add_rms_norm and the projection after it in one kernel.
-    residual None: RMSNorm(x) @ weight.T, and x itself as the residual stream.
-    silu_mul: weight is [gate | up] ([2I, K]) and the first result silu(gate) * up [M, I], as
-    triton_ops.silu_and_mul makes it of the product: an MLP's norm, gate_up and SiLU-mul.
-
-    Every program computes its rows' inverse RMS over all of K (the rows are few and in L2) and the
-    first also writes the sum, so no kernel runs between the two. The normalised activations are
-    rounded where the norm kernel rounds them; only its float32 sum of squares runs in another
-    order, so an activation may differ from the two kernels' by an ulp now and then."""
-    m, k = x.shape
-    assert norm_weight.shape == (k,) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
-    residual_out = x
-    if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
-        residual_out = torch.empty(m, k, dtype=x.dtype, device=x.device)
-    out = _launch(x, weight, None, residual=residual, norm_weight=norm_weight, eps=eps,
-                  residual_out=residual_out, silu_mul=silu_mul)
-    return out, residual_out
+def skinny_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K], weight [gate | up] ([2I, K]) -> silu(x @ gate.T) * (x @ up.T) [M, I], bitwise what
+    skinny_gemm then triton_ops.silu_and_mul give: the product rounded to the model dtype, then
+    SiLU-mul rounded as that kernel rounds it. An MLP's gate_up and SiLU-mul in one kernel."""
+    assert weight.shape[0] % 2 == 0, weight.shape
+    return _launch(x, weight, None, silu_mul=True)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
-            residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual_out: torch.Tensor | None = None, silu_mul: bool = False, block_n: int | None = None,
-            block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-            prefetch: bool | None = None) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, silu_mul: bool = False,
+            block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+            num_stages: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]  # output columns
     assert m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype, (x.shape, weight.shape)
-    assert x.stride(-1) == 1 and weight.is_contiguous() and (not silu_mul or weight.shape[0] % 2 == 0)
+    assert x.stride(-1) == 1 and weight.is_contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -211,16 +157,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
     prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
     num_programs = triton.cdiv(n, bn // 2 if silu_mul else bn)
-    norm = norm_weight is not None
-    r = residual if residual is not None else x  # unused without a residual
     _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        r, r.stride(0), norm_weight if norm else weight, residual_out if residual_out is not None else out, eps,
         BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, USE_PDL=pdl, PREFETCH=prefetch,
-        W_BYTES=weight.element_size(), NORM=norm, HAS_RESIDUAL=residual is not None,
-        ROWS=triton.next_power_of_2(m) if norm else MAX_ROWS, SILU_MUL=silu_mul,
-        num_warps=num_warps or _NUM_WARPS,
+        W_BYTES=weight.element_size(), SILU_MUL=silu_mul, num_warps=num_warps or _NUM_WARPS,
         num_stages=num_stages or _stages(pdl, prefetch, num_programs, weight.device.index),
-        # the norm and SiLU-mul round as triton_ops' kernels do, which need each product rounded
-        **(NO_FMA if norm or silu_mul else {}), **launch_options(pdl))
+        # SiLU-mul rounds as triton_ops.silu_and_mul does, which needs each product rounded
+        **(NO_FMA if silu_mul else {}), **launch_options(pdl))
     return out

@@ -26,18 +26,6 @@ _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
-def residual_add(x, r, dtype):
-    """x + r rounded to the model dtype first, as the torch add rounds it."""
-    return (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-
-
-@triton.jit
-def rms_scale(h, rstd, weight, dtype):
-    """weight * (h * rstd), each product rounded to dtype as the torch path rounds it (h, weight float32)."""
-    return (weight * (h * rstd).to(dtype).to(tl.float32)).to(dtype)
-
-
-@triton.jit
 def silu_mul(gate, up, dtype):
     """F.silu(gate) * up (both float32 in): x / (1 + expf(-x)) in float32 rounded to dtype, then the
     product rounded again."""
@@ -61,14 +49,15 @@ def _rms_norm_kernel(
     mask = cols < N
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = residual_add(x, tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0), dtype)
+    if HAS_RESIDUAL:  # the sum is rounded to the model dtype first, as the torch add does
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(residual_out_ptr + row * N + cols, x, mask=mask)
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) * (1.0 / N)  # torch's mean multiplies by 1/N
+    normed = (h * tl.math.rsqrt(mean_sq + eps)).to(dtype)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * N + cols, rms_scale(h, tl.math.rsqrt(mean_sq + eps), w.to(tl.float32), dtype),
-             mask=mask)
+    tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
 
 
 @triton.jit
