@@ -12,6 +12,10 @@ its cos/sin rows, the decode attention kernel its sequence order and context len
 kernel its tile count. Dependent input loads moved there took a 4-row decode graph of Qwen3-0.6B
 from 1.235 to 1.19 ms (H100, s10-call3).
 
+A GEMM followed by another GEMM (gate_up with its SiLU-mul epilogue, then down) releases only
+after its K loop instead (pdl_wait, then pdl_release later): the next GEMM's programs would
+otherwise hold SMs and stream their weight beside it for its whole run.
+
 A kernel that does not trigger (torch's, cuBLAS's, NCCL's) lets the next one launch only when it
 completes, as without PDL; the waits keep every order. FOLOVLLM_PDL=0 turns it off (to compare).
 """
@@ -45,8 +49,21 @@ def launch_options(pdl: bool) -> dict:
 @triton.jit
 def pdl_enter(USE_PDL: tl.constexpr):
     """Wait for the kernel before (its writes visible), then let the next one launch."""
+    pdl_wait(USE_PDL)
+    pdl_release(USE_PDL)
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait for the kernel before: its writes are visible after this."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """Let the next kernel launch (once every program of this one has called it or exited)."""
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
