@@ -72,10 +72,10 @@ def _skinny_gemm_kernel(
             x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    dtype = out_ptr.dtype.element_ty
     if SILU_MUL:
         pdl_release(USE_PDL)
-    dtype = out_ptr.dtype.element_ty
-    if SILU_MUL:  # each product rounded to dtype first, as the GEMM's output and silu_and_mul round it
+        # each product rounded to dtype first, as the GEMM's output and silu_and_mul round it
         gate, up = tl.split(tl.permute(tl.reshape(acc.to(dtype), [BLOCK_M, 2, HALF]), (0, 2, 1)))
         out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         tl.store(out_ptr + offs_m[:, None] * stride_om + out_cols[None, :],
