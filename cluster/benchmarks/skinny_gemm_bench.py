@@ -7,6 +7,9 @@ step. floor_us is the weight's bytes at --copy-tbps; skinny_no_prefetch_us is th
 L2 prefetch. --sweep also times every (BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the
 six fastest with their error against cuBLAS (and every timing under "timed"); --sweep-large does
 the same over a grid for the larger sizes, each configuration with the prefetch on and off.
+gate_up's row also times it as a layer runs it, after the residual add + RMSNorm kernel: with the
+SiLU-mul kernel after it (norm_gate_up_silu_us) and with SiLU-mul in its epilogue
+(norm_gate_up_fused_us, skinny_gemm_silu_mul).
 
   python -m cluster.benchmarks.skinny_gemm_bench [--rows 1,16] [--sweep | --sweep-large] [--model Qwen/Qwen3-8B]
 """
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 import triton
 from triton.runtime.errors import OutOfResources
 
-from workers.layers.skinny_gemm import skinny_gemm
+from workers.layers import triton_ops
+from workers.layers.skinny_gemm import skinny_gemm, skinny_gemm_silu_mul
 from workers.model_configs import BUILTIN_CONFIGS
 
 
@@ -44,6 +48,23 @@ def graph_us(fn, calls: int) -> float:
     with torch.cuda.graph(graph):
         fn()
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=20, rep=100, return_mode="median") / calls
+
+
+def _mlp_front_us(x: torch.Tensor, weights: list[torch.Tensor], calls: int) -> dict:
+    """A layer's norm, gate_up and SiLU-mul, as three kernels and as two (the epilogue)."""
+    residual, norm_weight = torch.randn_like(x), torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+
+    def three_kernels():
+        for w in weights:
+            h, _ = triton_ops.fused_add_rms_norm(x, residual, norm_weight, 1e-6)
+            triton_ops.silu_and_mul(skinny_gemm(h, w))
+
+    def fused():
+        for w in weights:
+            h, _ = triton_ops.fused_add_rms_norm(x, residual, norm_weight, 1e-6)
+            skinny_gemm_silu_mul(h, w)
+
+    return {"norm_gate_up_silu_us": graph_us(three_kernels, calls), "norm_gate_up_fused_us": graph_us(fused, calls)}
 
 
 def main(argv=None) -> None:
@@ -75,6 +96,8 @@ def main(argv=None) -> None:
                    "cublas_us": graph_us(lambda: [torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)], calls)}
             row["skinny_us"], row["rel_err_vs_cublas"] = time_config()
             row["skinny_no_prefetch_us"] = time_config(prefetch=False)[0]
+            if name == "gate_up":
+                row.update(_mlp_front_us(x, weights, calls))
             if args.sweep or args.sweep_large:
                 grid = ([(*c, None) for c in SWEEP] if args.sweep else
                         [(*c, p) for c in SWEEP_LARGE for p in (True, False)])
