@@ -10,9 +10,14 @@
       that only the reduction order differs), then time per output token at each (--perf-sizes
       to time only some; --throughput adds the offline throughput; these runs use the model's
       own dtype, bf16)
+  python -m cluster.benchmarks.scale_out tp --sizes 2 --dtype bfloat16 --env-ab FOLOVLLM_FUSE_SILU_MUL=1,0 --equality-only
+      greedy token ids at each size with an environment variable at two values, each run in a
+      fresh process (a local Ray cluster's workers inherit it): an optimisation switched by a
+      variable must leave them equal in the model's own dtype
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,16 +72,54 @@ def _greedy_ids(args, tp: int, prompts: list[list[int]]) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+def _prompts() -> list[list[int]]:
+    # 8 prompts of 16 to 184 tokens: their decode steps have at most 8 rows (the few-row paths)
+    return [[(97 * i + 7 * j) % 10000 for j in range(16 + 24 * i)] for i in range(8)]
+
+
+def _first_differences(ids: list[list[int]], reference: list[list[int]]) -> list[int | None]:
+    return [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ids, reference)]
+
+
+def _greedy_ids_with_env(args, tp: int, name: str, value: str) -> list[list[int]]:
+    """_greedy_ids in a fresh process with name=value: switches like FOLOVLLM_FUSE_SILU_MUL are
+    read once at import, and the Ray workers that process starts inherit its environment."""
+    cmd = [sys.executable, "-m", "cluster.benchmarks.scale_out", "ids", "--sizes", str(tp), "--model", args.model,
+           "--dtype", args.dtype, "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len),
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           *(["--enforce-eager"] if args.enforce_eager else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, name: value})
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])
+        raise SystemExit(f"{name}={value} {' '.join(cmd)} exited with {out.returncode}")
+    return next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))["ids"]
+
+
+def _env_ab(spec: str) -> tuple[str, str, str]:
+    name, sep, values = spec.partition("=")
+    pair = values.split(",")
+    if not name or not sep or len(pair) != 2:
+        raise SystemExit(f"--env-ab takes NAME=A,B (two values), got {spec!r}")
+    return name, pair[0], pair[1]
+
+
 def run_tp(args) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
-    prompts = [[(97 * i + 7 * j) % 10000 for j in range(16 + 24 * i)] for i in range(8)]
-    reference = [] if args.perf_only else _greedy_ids(args, sizes[0], prompts)
-    for tp in [] if args.perf_only else sizes[1:]:
-        ids = _greedy_ids(args, tp, prompts)
-        first_diff = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ids, reference)]
-        _emit(args, {"bench": "tp_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
-                     "enforce_eager": args.enforce_eager,
-                     "reference_tp": sizes[0], "equal": ids == reference, "first_differing_token": first_diff})
+    if args.env_ab and not args.perf_only:
+        name, a, b = _env_ab(args.env_ab)
+        for tp in sizes:
+            ids_a, ids_b = (_greedy_ids_with_env(args, tp, name, v) for v in (a, b))
+            _emit(args, {"bench": "tp_env_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
+                         "enforce_eager": args.enforce_eager, "env": name, "values": [a, b],
+                         "equal": ids_a == ids_b, "first_differing_token": _first_differences(ids_b, ids_a)})
+    elif not args.perf_only:
+        prompts = _prompts()
+        reference = _greedy_ids(args, sizes[0], prompts)
+        for tp in sizes[1:]:
+            ids = _greedy_ids(args, tp, prompts)
+            _emit(args, {"bench": "tp_equality", "model": args.model, "dtype": args.dtype, "tp": tp,
+                         "enforce_eager": args.enforce_eager, "reference_tp": sizes[0], "equal": ids == reference,
+                         "first_differing_token": _first_differences(ids, reference)})
     if args.equality_only:
         return
     for tp in [int(s) for s in args.perf_sizes.split(",")] if args.perf_sizes else sizes:
@@ -90,7 +133,7 @@ def run_tp(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m cluster.benchmarks.scale_out", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", choices=["dp", "tp"])
+    p.add_argument("run", choices=["dp", "tp", "ids"], help="ids: one size's greedy ids as JSON (--env-ab runs it)")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")
     p.add_argument("--sizes", default="1,2,4,8")
     p.add_argument("--dp1-tok-per-s", type=float, default=None,
@@ -108,8 +151,14 @@ def main(argv=None) -> None:
                    help="tp: skip the equality runs (their float32 loads take most of a stage)")
     p.add_argument("--perf-sizes", default="", help="tp: the sizes to time (default: every size)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--env-ab", default="", metavar="NAME=A,B",
+                   help="tp: compare each size's greedy ids with NAME=A and NAME=B (fresh processes) "
+                        "instead of against the smallest size")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
+    if args.run == "ids":  # one process's greedy ids, for --env-ab
+        print(json.dumps({"ids": _greedy_ids(args, int(args.sizes), _prompts())}), flush=True)
+        return
     {"dp": run_dp, "tp": run_tp}[args.run](args)
 
 

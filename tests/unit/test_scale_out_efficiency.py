@@ -1,5 +1,8 @@
-"""scale_out dp's efficiency: against DP=1 of the same run, or a given DP=1 figure, never itself."""
+"""scale_out dp's efficiency: against DP=1 of the same run, or a given DP=1 figure, never itself;
+tp --env-ab's comparison of greedy ids under two values of a switch."""
 import json
+
+import pytest
 
 from cluster.benchmarks import scale_out
 
@@ -41,3 +44,40 @@ def test_each_result_is_written_once(monkeypatch, tmp_path):
     assert commands[0][commands[0].index("--out") + 1] == str(tmp_path / "offline")
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["bench"] for r in rows] == ["tp_latency"]
+
+
+def _run_env_ab(monkeypatch, tmp_path, ids_by_value, argv=("--sizes", "2,4")):
+    """tp --env-ab with each fresh process faked: it answers the ids of the value it was given."""
+    seen = []
+
+    def fake_run(cmd, capture_output, text, env):
+        assert cmd[cmd.index("-m") + 2] == "ids"
+        seen.append((int(cmd[cmd.index("--sizes") + 1]), env["FOLOVLLM_FUSE_SILU_MUL"]))
+        line = json.dumps({"ids": ids_by_value[env["FOLOVLLM_FUSE_SILU_MUL"]]})
+        return type("Done", (), {"returncode": 0, "stdout": "log line\n" + line + "\n", "stderr": ""})()
+
+    monkeypatch.setattr(scale_out.subprocess, "run", fake_run)
+    scale_out.main(["tp", *argv, "--dtype", "bfloat16", "--env-ab", "FOLOVLLM_FUSE_SILU_MUL=1,0",
+                    "--equality-only", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return seen, rows
+
+
+def test_env_ab_compares_each_size_under_both_values_in_fresh_processes(monkeypatch, tmp_path):
+    seen, rows = _run_env_ab(monkeypatch, tmp_path, {"1": [[1, 2, 3], [4, 5]], "0": [[1, 2, 3], [4, 5]]})
+    assert seen == [(2, "1"), (2, "0"), (4, "1"), (4, "0")]
+    assert [(r["bench"], r["tp"], r["env"], r["values"], r["equal"]) for r in rows] == [
+        ("tp_env_equality", 2, "FOLOVLLM_FUSE_SILU_MUL", ["1", "0"], True),
+        ("tp_env_equality", 4, "FOLOVLLM_FUSE_SILU_MUL", ["1", "0"], True)]
+
+
+def test_env_ab_reports_where_the_ids_part(monkeypatch, tmp_path):
+    _, rows = _run_env_ab(monkeypatch, tmp_path, {"1": [[1, 2, 3], [4, 5]], "0": [[1, 2, 3], [4, 6]]},
+                          argv=("--sizes", "2"))
+    assert rows[0]["equal"] is False and rows[0]["first_differing_token"] == [None, 1]
+
+
+def test_env_ab_needs_a_name_and_two_values(tmp_path):
+    for spec in ("FOLOVLLM_FUSE_SILU_MUL", "FOLOVLLM_FUSE_SILU_MUL=1", "=1,0", "X=1,0,2"):
+        with pytest.raises(SystemExit, match="NAME=A,B"):
+            scale_out.main(["tp", "--sizes", "2", "--env-ab", spec, "--equality-only", "--out", str(tmp_path)])
