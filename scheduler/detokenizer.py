@@ -40,7 +40,7 @@ def _decoder(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     cls = type(tokenizer)
     if (backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False
-            or getattr(cls.decode, "__qualname__", "") not in _PLAIN_DECODE
+            or getattr(getattr(cls, "decode", None), "__qualname__", "") not in _PLAIN_DECODE
             or getattr(getattr(cls, "_decode", None), "__qualname__", "") not in _PLAIN_FAST_DECODE):
         return tokenizer.decode
     return backend.decode
