@@ -210,6 +210,8 @@ def test_other_tokenizers_keep_their_own_decode(tok):
 
     own = OwnDecode()
     assert _decoder(own) == own.decode
+    detok = IncrementalDetokenizer(own, tok.encode(PROMPT))
+    assert detok.append(tok.encode("hi")).text == "hi" and own.calls == 3  # the prompt context, then two windows
 
     class Bare:  # decode held on the instance, none on the class
         backend_tokenizer = tok.backend_tokenizer
@@ -218,5 +220,3 @@ def test_other_tokenizers_keep_their_own_decode(tok):
     bare = Bare()
     bare.decode = tok.decode
     assert _decoder(bare) == tok.decode
-    detok = IncrementalDetokenizer(own, tok.encode(PROMPT))
-    assert detok.append(tok.encode("hi")).text == "hi" and own.calls == 3  # the prompt context, then two windows
