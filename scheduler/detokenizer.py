@@ -56,7 +56,6 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
                  stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
-        self.tokenizer = tokenizer
         self._decode_ids = _decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
