@@ -23,17 +23,25 @@ import sys
 from pathlib import Path
 
 
-def _offline(args, bench: str, *extra: str) -> list[dict]:
-    """Run cluster.benchmarks.offline in a fresh process (a fresh Ray instance) and read its JSON lines.
-    Its own results.jsonl and plots go to --out's offline/ folder: --out's results.jsonl holds each
-    result once, as this script emits it."""
-    cmd = [sys.executable, "-m", "cluster.benchmarks.offline", bench, "--model", args.model, "--use-ray",
-           "--out", str(Path(args.out) / "offline"), *(["--enforce-eager"] if args.enforce_eager else []), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def _run_json(cmd: list[str], env_overrides: dict[str, str] | None = None) -> list[dict]:
+    """Run cmd in a fresh process (a fresh Ray instance), with env_overrides on top of this
+    process's environment, and read the JSON lines it prints; its output's tail on failure."""
+    env = {**os.environ, **env_overrides} if env_overrides else None
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])
-        raise SystemExit(f"{' '.join(cmd)} exited with {out.returncode}")
+        setting = "".join(f"{k}={v} " for k, v in (env_overrides or {}).items())
+        raise SystemExit(f"{setting}{' '.join(cmd)} exited with {out.returncode}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _offline(args, bench: str, *extra: str) -> list[dict]:
+    """cluster.benchmarks.offline's JSON lines, run in a fresh process. Its own results.jsonl and
+    plots go to --out's offline/ folder: --out's results.jsonl holds each result once, as this
+    script emits it."""
+    return _run_json([sys.executable, "-m", "cluster.benchmarks.offline", bench, "--model", args.model, "--use-ray",
+                      "--out", str(Path(args.out) / "offline"), *(["--enforce-eager"] if args.enforce_eager else []),
+                      *extra])
 
 
 def _emit(args, result: dict) -> None:
@@ -88,11 +96,7 @@ def _greedy_ids_with_env(args, tp: int, name: str, value: str) -> list[list[int]
            "--dtype", args.dtype, "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
            *(["--enforce-eager"] if args.enforce_eager else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, name: value})
-    if out.returncode != 0:
-        sys.stderr.write(out.stdout[-4000:] + out.stderr[-8000:])
-        raise SystemExit(f"{name}={value} {' '.join(cmd)} exited with {out.returncode}")
-    return next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))["ids"]
+    return _run_json(cmd, {name: value})[0]["ids"]
 
 
 def _env_ab(spec: str) -> tuple[str, str, str]:

@@ -34,7 +34,7 @@ def test_each_result_is_written_once(monkeypatch, tmp_path):
     """The offline subprocess writes its own lines under offline/; --out holds scale_out's only."""
     commands = []
 
-    def fake_run(cmd, capture_output, text):
+    def fake_run(cmd, capture_output, text, env=None):
         commands.append(cmd)
         line = json.dumps({"bench": "latency", "tp": 4, "batch": 1, "mean_tpot_ms": 1.0})
         return type("Done", (), {"returncode": 0, "stdout": line + "\n", "stderr": ""})()
