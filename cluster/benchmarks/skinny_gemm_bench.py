@@ -3,10 +3,10 @@ Qwen3 size's projection shapes (unsharded) and its lm_head: Qwen3-0.6B unless --
 
 Each timing replays a CUDA graph of 28 calls of one shape (two for the lm_head), each on its own
 weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, as in a decode
-step. floor_us is the weight's bytes at --copy-tbps; skinny_no_prefetch_us is the GEMM without its
-L2 prefetch. --sweep also times every (BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the
-six fastest with their error against cuBLAS (and every timing under "timed"); --sweep-large does
-the same over a grid for the larger sizes, each configuration with the prefetch on and off.
+step. floor_us is the weight's bytes at --copy-tbps; skinny_l2_prefetch_us is the GEMM with its
+L2 prefetch (off by default: workers/layers/skinny_gemm.py says why). --sweep also times every
+(BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the six fastest with their error against
+cuBLAS (and every timing under "timed"); --sweep-large does the same over a grid for the larger sizes, each configuration with the prefetch on and off.
 gate_up's row also times it as a layer runs it, after the residual add + RMSNorm kernel: with the
 SiLU-mul kernel after it (norm_gate_up_silu_us) and with SiLU-mul in its epilogue
 (norm_gate_up_fused_us, skinny_gemm_silu_mul).
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                    "n": n, "k": k, "floor_us": n * k * 2 / (args.copy_tbps * 1e6),
                    "cublas_us": graph_us(lambda: [torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)], calls)}
             row["skinny_us"], row["rel_err_vs_cublas"] = time_config()
-            row["skinny_no_prefetch_us"] = time_config(prefetch=False)[0]
+            row["skinny_l2_prefetch_us"] = time_config(prefetch=True)[0]
             if name == "gate_up":
                 row.update(_mlp_front_us(x, weights, calls))
             if args.sweep or args.sweep_large:

@@ -11,6 +11,7 @@ depend on timing); the few x rows come from L2.
 CUDA graphs: no host sync; the grid depends only on N. CPU tensors run under TRITON_INTERPRET=1.
 """
 import functools
+import os
 
 import torch
 import triton
@@ -20,6 +21,13 @@ from workers.layers.pdl import launch_options, pdl_release, pdl_wait, prefetch_l
 from workers.layers.triton_ops import NO_FMA, silu_mul
 
 MAX_ROWS = 16  # tl.dot's smallest M; more rows than this go to cuBLAS
+# Launched with PDL, a program may prefetch its weight slice into L2 before its wait. In graphs of
+# one shape that won up to 1.5 us a GEMM, but in the engine's decode graphs, where norms, attention
+# and other GEMMs sit between them, it cost more than it saved: Qwen3-0.6B's batch-1, 4-row and
+# 8-row graphs took 1.019, 1.082 and 1.235 ms without it against 1.038, 1.106 and 1.257 with it
+# (H100, s14-call6, two processes each), with the same greedy ids. So it is off unless the caller
+# asks; FOLOVLLM_GEMM_PREFETCH=1 brings back the size rule (_PREFETCH_L2_FRACTION), to compare.
+PREFETCH_BY_SIZE = os.environ.get("FOLOVLLM_GEMM_PREFETCH", "0") == "1"
 
 
 @triton.jit
@@ -95,11 +103,12 @@ _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 16, 256, 2, 5
 # wait; three stages (less shared memory each) then beat five: 56 chained GEMMs of the four
 # shapes at 1 row took 5.32 us each against 5.71 without PDL (H100, s9-call2)
 _NUM_STAGES_PDL = 3
-# The prefetch pays only while the weight stays in L2 until its programs read it. A weight of more
-# than a fifth of L2, prefetched beside the kernel before, evicts its own lines and is read twice:
-# at 4 rows Qwen3-8B's projections took 1.4-1.6x as long with it, its lm_head 667 against 411 us
-# (H100, skinny_gemm_bench, s11-call4). Qwen3-0.6B's 4-8 MiB qkv, o and down gain up to 1.5 us
-# each from it; its 12 MiB gate_up and its lm_head lose a little.
+# The size rule, under FOLOVLLM_GEMM_PREFETCH=1. The prefetch pays only while the weight stays in
+# L2 until its programs read it. A weight of more than a fifth of L2, prefetched beside the kernel
+# before, evicts its own lines and is read twice: at 4 rows Qwen3-8B's projections took 1.4-1.6x as
+# long with it, its lm_head 667 against 411 us (H100, skinny_gemm_bench, s11-call4). In graphs of
+# one shape, Qwen3-0.6B's 4-8 MiB qkv, o and down gained up to 1.5 us each from it; its 12 MiB
+# gate_up and its lm_head lost a little.
 _PREFETCH_L2_FRACTION = 5
 # Without the prefetch a program streams its slice from HBM. Where the grid leaves at most two
 # programs a SM, a fourth stage in flight pays; with more, three (four programs a SM fit in shared
@@ -160,9 +169,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, sil
         return out
     bn, bk = block_n or _BLOCK_N, block_k or _BLOCK_K
     pdl = use_pdl(x)
-    # a bulk prefetch needs 16-byte aligned rows; prefetch=None leaves it to the weight's size
+    # a bulk prefetch needs 16-byte aligned rows; prefetch=None: off, or by the weight's size
+    # under FOLOVLLM_GEMM_PREFETCH=1
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
-    prefetch = pdl and aligned and (_fits_l2(weight) if prefetch is None else prefetch)
+    prefetch = pdl and aligned and ((PREFETCH_BY_SIZE and _fits_l2(weight)) if prefetch is None else prefetch)
     num_programs = triton.cdiv(n, bn // 2 if silu_mul else bn)
     _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
