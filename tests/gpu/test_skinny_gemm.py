@@ -81,7 +81,8 @@ def test_the_l2_prefetch_leaves_the_product_unchanged(n, k):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the prefetch rule reads the card's L2 size")
-def test_only_weights_well_inside_l2_are_prefetched():
+def test_the_size_rule_takes_only_weights_well_inside_l2():
+    """The rule FOLOVLLM_GEMM_PREFETCH=1 applies (the prefetch is off by default)."""
     limit = skinny_module._card(0)[0]
     assert limit == torch.cuda.get_device_properties(0).L2_cache_size // skinny_module._PREFETCH_L2_FRACTION
     small = torch.empty(limit // 2 // 1024, 512, dtype=torch.bfloat16, device=DEVICE)  # limit / 2 bytes
