@@ -6,7 +6,8 @@ weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, 
 step. floor_us is the weight's bytes at --copy-tbps; skinny_l2_prefetch_us is the GEMM with its
 L2 prefetch (off by default: workers/layers/skinny_gemm.py says why). --sweep also times every
 (BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the six fastest with their error against
-cuBLAS (and every timing under "timed"); --sweep-large does the same over a grid for the larger sizes, each configuration with the prefetch on and off.
+cuBLAS (and every timing under "timed"); --sweep-large does the same over a grid for the larger
+sizes, each configuration with the prefetch on and off.
 gate_up's row also times it as a layer runs it, after the residual add + RMSNorm kernel: with the
 SiLU-mul kernel after it (norm_gate_up_silu_us) and with SiLU-mul in its epilogue
 (norm_gate_up_fused_us, skinny_gemm_silu_mul).

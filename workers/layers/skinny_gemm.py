@@ -25,7 +25,7 @@ MAX_ROWS = 16  # tl.dot's smallest M; more rows than this go to cuBLAS
 # one shape that won up to 1.5 us a GEMM, but in the engine's decode graphs, where norms, attention
 # and other GEMMs sit between them, it cost more than it saved: Qwen3-0.6B's batch-1, 4-row and
 # 8-row graphs took 1.019, 1.082 and 1.235 ms without it against 1.038, 1.106 and 1.257 with it
-# (H100, s14-call7, two processes each), with the same greedy ids. So it is off unless the caller
+# (H100, s14-call7; s14-call9 again), with the same greedy ids. So it is off unless the caller
 # asks; FOLOVLLM_GEMM_PREFETCH=1 brings back the size rule (_PREFETCH_L2_FRACTION), to compare.
 PREFETCH_BY_SIZE = os.environ.get("FOLOVLLM_GEMM_PREFETCH", "0") == "1"
 
