@@ -9,8 +9,8 @@ before it writes; anything older is complete by then, since that kernel waited t
 before the wait is the step's inputs and the weights: the skinny GEMM can prefetch its weight
 slice into L2 (off by default: skinny_gemm.PREFETCH_BY_SIZE), the q/k kernel reads positions,
 slots and its cos/sin rows, the decode attention kernel its sequence order and context length,
-the prefill kernel its tile count. Dependent input loads moved there took a 4-row decode graph of Qwen3-0.6B
-from 1.235 to 1.19 ms (H100, s10-call3).
+the prefill kernel its tile count. Dependent input loads moved there took a 4-row decode graph
+of Qwen3-0.6B from 1.235 to 1.19 ms (H100, s10-call3).
 
 A GEMM followed by another GEMM (gate_up with its SiLU-mul epilogue, then down) releases only
 after its K loop instead (pdl_wait, then pdl_release later): the next GEMM's programs would

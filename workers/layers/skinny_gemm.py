@@ -169,10 +169,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, sil
         return out
     bn, bk = block_n or _BLOCK_N, block_k or _BLOCK_K
     pdl = use_pdl(x)
-    # a bulk prefetch needs 16-byte aligned rows; prefetch=None: off, or by the weight's size
-    # under FOLOVLLM_GEMM_PREFETCH=1
+    if prefetch is None:  # off, or by the weight's size under FOLOVLLM_GEMM_PREFETCH=1 (CUDA only)
+        prefetch = pdl and PREFETCH_BY_SIZE and _fits_l2(weight)
+    # a bulk prefetch needs 16-byte aligned rows
     aligned = (k * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0
-    prefetch = pdl and aligned and ((PREFETCH_BY_SIZE and _fits_l2(weight)) if prefetch is None else prefetch)
+    prefetch = pdl and aligned and prefetch
     num_programs = triton.cdiv(n, bn // 2 if silu_mul else bn)
     _skinny_gemm_kernel[(num_programs,)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
