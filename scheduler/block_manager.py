@@ -26,9 +26,11 @@ def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int)
     the vocabulary): a 16-token block and its parent hash are then 80 bytes, one blake2b
     compression, where int64's 144 took two (0.37 against 0.52 us a block)."""
     data, width = array("i", token_ids).tobytes(), 4 * block_size
+    parent_hash = parent_hash or b""
+    if len(data) == width:  # one block, as a decode step fills: no loop (half of its ~2.8 us)
+        return [hashlib.blake2b(parent_hash + data, digest_size=16).digest()]
     hashes = []
     append, blake2b = hashes.append, hashlib.blake2b
-    parent_hash = parent_hash or b""
     for start in range(0, len(data) - width + 1, width):
         parent_hash = blake2b(parent_hash + data[start:start + width], digest_size=16).digest()
         append(parent_hash)
@@ -112,26 +114,32 @@ class BlockManager:
         """Make seq's full computed blocks findable. Call once their KV is written (after the step)."""
         if not self.enable_prefix_caching:
             return
-        # blocks whose tokens are all known: KV computed past num_tokens is for pending samples
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        start = self._num_hashed_blocks.get(seq.seq_id, 0)
-        hashes = self._seq_block_hashes(seq, num_full) if num_full > start else ()
+        # blocks whose tokens are all known: KV computed past num_tokens is for pending samples.
+        # Called for every sequence whose step filled a block (half of them a step at k = 8),
+        # so lookups are bound once and the lengths read directly (~6 us a call before)
+        num_known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+        num_full = min(seq.num_computed_tokens, num_known) // self.block_size
+        seq_id = seq.seq_id
+        start = self._num_hashed_blocks.get(seq_id, 0)
+        if num_full <= start:
+            return
+        hashes, block_ids = self._seq_block_hashes(seq, num_full), seq.block_ids
+        cached_blocks, block_hash_of = self.cached_blocks, self.block_hash
         for i in range(start, num_full):
-            block_hash, block_id = hashes[i], seq.block_ids[i]
+            block_hash, block_id = hashes[i], block_ids[i]
             # an equal block computed twice (two requests prefilling the same prefix at once)
             # stays uncached: the first copy is the one others find
-            if block_hash not in self.cached_blocks and self.block_hash[block_id] is None:
-                self.cached_blocks[block_hash] = block_id
-                self.block_hash[block_id] = block_hash
-        if num_full > start:
-            self._num_hashed_blocks[seq.seq_id] = num_full
+            if block_hash not in cached_blocks and block_hash_of[block_id] is None:
+                cached_blocks[block_hash] = block_id
+                block_hash_of[block_id] = block_hash
+        self._num_hashed_blocks[seq_id] = num_full
 
     # ---- allocation -----------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_tokens: int, computed_blocks: Seq[int] = ()) -> bool:
         """Could seq hold num_tokens tokens in total, after taking computed_blocks from the cache?"""
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(computed_blocks)
         # a cached block nobody references sits in the free pool: taking it uses up a free block
-        num_revived = list(map(self.ref_counts.__getitem__, computed_blocks)).count(0)
+        num_revived = list(map(self.ref_counts.__getitem__, computed_blocks)).count(0) if computed_blocks else 0
         return max(num_new, 0) + num_revived <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int, computed_blocks: list[int] | None = None) -> list[int]:

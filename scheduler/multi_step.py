@@ -18,18 +18,22 @@ def extend_decodes(cached: CachedRequestData, num_scheduled: dict[str, int], bud
     max_tokens, the sequence length limit, the budget and the free blocks allow (never by
     preempting). Sequences that want logprobs keep one token: a step returns one TokenLogprobs
     per sequence. Updates cached, num_scheduled and the sequences; returns (budget left, passes)."""
-    block_size, passes = block_manager.block_size, 1
+    # runs for every sequence of every multi-step: comparisons rather than min() calls, ~0.3 us a
+    # sequence of a ~6 us step per sequence (scheduler_bench --num-scheduler-steps 8)
+    block_size, passes, most = block_manager.block_size, 1, num_steps - 1
     for row, seq_id in enumerate(cached.req_ids):
         seq = seqs[seq_id]
+        params = seq.sampling_params
         # num_output counts this step's sample: the scheduler's _advance made it pending
         num_prompt, num_output = len(seq.prompt_token_ids), len(seq.output_token_ids) + seq.num_pending
-        if seq.num_computed_tokens != num_prompt + num_output - 1 or seq.sampling_params.logprobs is not None:
+        if seq.num_computed_tokens != num_prompt + num_output - 1 or params.logprobs is not None:
             continue  # does not sample this step (a prefill chunk), or wants logprobs
-        max_tokens = seq.sampling_params.max_tokens
         room = max_seq_len - num_prompt - num_output
-        if max_tokens is not None:
-            room = min(room, max_tokens - num_output)
-        extra = min(num_steps - 1, room, budget)
+        if params.max_tokens is not None and params.max_tokens - num_output < room:
+            room = params.max_tokens - num_output
+        extra = most if most < room else room
+        if budget < extra:
+            extra = budget
         if extra <= 0:
             continue
         total, held = seq.num_computed_tokens + extra, len(seq.block_ids) * block_size
@@ -44,5 +48,6 @@ def extend_decodes(cached: CachedRequestData, num_scheduled: dict[str, int], bud
         seq.num_pending += extra
         num_scheduled[seq_id] += extra
         budget -= extra
-        passes = max(passes, 1 + extra)
+        if extra >= passes:
+            passes = 1 + extra
     return budget, passes

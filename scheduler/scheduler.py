@@ -340,7 +340,10 @@ class Scheduler:
         if (len(token_ids) > 1 and logprobs is None
                 and no_stop_among(seq, token_ids, self.eos_token_ids, self.max_seq_len)):
             seq.output_token_ids.extend(token_ids)  # a multi-step's tokens, none of which can stop it
-            return self._output(seq, token_ids, None)
+            # still running: no finish or stop reason (what _output would read, built directly
+            # since this runs for every sequence of every multi-step)
+            return EngineCoreOutput(seq.req_id, seq.index, token_ids, None, None, None,
+                                    len(seq.prompt_token_ids), seq.num_cached_tokens)
         for n, token_id in enumerate(token_ids, 1):
             seq.output_token_ids.append(token_id)
             status = check_stop(seq, token_id, self.eos_token_ids, self.max_seq_len)
