@@ -27,7 +27,7 @@ def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int)
     compression, where int64's 144 took two (0.37 against 0.52 us a block)."""
     data, width = array("i", token_ids).tobytes(), 4 * block_size
     parent_hash = parent_hash or b""
-    if len(data) == width:  # one block, as a decode step fills: no loop (half of its ~2.8 us)
+    if len(data) == width:  # one block, as a decode step fills: no loop (2.0 -> 1.4 us, CI machine)
         return [hashlib.blake2b(parent_hash + data, digest_size=16).digest()]
     hashes = []
     append, blake2b = hashes.append, hashlib.blake2b
@@ -116,7 +116,7 @@ class BlockManager:
             return
         # blocks whose tokens are all known: KV computed past num_tokens is for pending samples.
         # Called for every sequence whose step filled a block (half of them a step at k = 8),
-        # so lookups are bound once and the lengths read directly (~6 us a call before)
+        # so lookups are bound once and the lengths read directly
         num_known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
         num_full = min(seq.num_computed_tokens, num_known) // self.block_size
         seq_id = seq.seq_id
@@ -139,7 +139,8 @@ class BlockManager:
         """Could seq hold num_tokens tokens in total, after taking computed_blocks from the cache?"""
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(computed_blocks)
         # a cached block nobody references sits in the free pool: taking it uses up a free block
-        num_revived = list(map(self.ref_counts.__getitem__, computed_blocks)).count(0) if computed_blocks else 0
+        num_revived = (list(map(self.ref_counts.__getitem__, computed_blocks)).count(0)
+                       if computed_blocks else 0)
         return max(num_new, 0) + num_revived <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int, computed_blocks: list[int] | None = None) -> list[int]:

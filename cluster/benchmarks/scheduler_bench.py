@@ -3,8 +3,9 @@
   python -m cluster.benchmarks.scheduler_bench --seqs 256 --steps 300 [--num-scheduler-steps 8] [--profile]
 
 N sequences decode together; each step is Scheduler.schedule() then update_from_output() with a
-fixed token for each pass the step was given (k of them with --num-scheduler-steps k). This is the part of the SchedulerActor's step thread that grows with
-the batch (docs/notes-dp-scaling.md): times DP, it must stay under a replica's device step.
+fixed token for each pass the step was given (k of them with --num-scheduler-steps k). This is the
+part of the SchedulerActor's step thread that grows with the batch (docs/notes-dp-scaling.md):
+times DP, it must stay under a replica's device step.
 """
 import argparse
 import cProfile
