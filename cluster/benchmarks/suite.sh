@@ -78,7 +78,9 @@ for stage in "$@"; do
     # multi-step decoding (the scheduler's host work once per k tokens, DP_STEPS, default 4):
     # s7-call3, DP=4 0.48 -> 0.85 with k=4
     dp24ms) run dp24ms 280 $scale dp --sizes 1,2,4 --num-scheduler-steps ${DP_STEPS:-4} --out "$out" ;;
-    dp8ms) run dp8ms 300 $scale dp --sizes 1,8 --num-scheduler-steps ${DP_STEPS:-4} --out "$out" ;;  # eight GPUs
+    # eight GPUs; k=8 by default: at DP=8 one actor moved 176k tok/s at k=4, under the ~211k eight
+    # H200s ask for, and 0.2-0.3M at k=8 (s15, notes-dp-scaling.md). Run DP_STEPS=16 beside it
+    dp8ms) run dp8ms 300 $scale dp --sizes 1,8 --num-scheduler-steps ${DP_STEPS:-8} --out "$out" ;;
     tp8b8) run tp8b8 300 $scale tp --model Qwen/Qwen3-8B --sizes 1,8 --perf-sizes 8 --throughput $tp_flags \
              --out "$out" ;;  # eight GPUs: TP=8 equal to TP=1, then timed
     tp32b8) run tp32b8 300 $scale tp --model Qwen/Qwen3-32B --sizes 4,8 --perf-sizes 8 --throughput \
