@@ -116,9 +116,8 @@ class BlockManager:
             return
         # blocks whose tokens are all known: KV computed past num_tokens is for pending samples.
         # Called for every sequence whose step filled a block (half of them a step at k = 8),
-        # so lookups are bound once and the lengths read directly
-        num_known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
-        num_full = min(seq.num_computed_tokens, num_known) // self.block_size
+        # so lookups are bound once
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         seq_id = seq.seq_id
         start = self._num_hashed_blocks.get(seq_id, 0)
         if num_full <= start:
