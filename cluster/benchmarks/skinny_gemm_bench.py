@@ -4,7 +4,9 @@ Qwen3 size's projection shapes (unsharded) and its lm_head: Qwen3-0.6B unless --
 Each timing replays a CUDA graph of 28 calls of one shape (two for the lm_head), each on its own
 weight, so launch overhead and L2 reuse stay out and the in-graph gaps stay in, as in a decode
 step. floor_us is the weight's bytes at --copy-tbps; skinny_l2_prefetch_us is the GEMM with its
-L2 prefetch (off by default: workers/layers/skinny_gemm.py says why). --sweep also times every
+L2 prefetch (off by default: workers/layers/skinny_gemm.py says why); where the weight goes to
+staged_gemm.py's kernel (staged: true), skinny_us is that kernel and skinny_triton_us the Triton
+one (FOLOVLLM_STAGED_GEMM=0). --sweep also times every
 (BLOCK_N, BLOCK_K, warps, stages) in a grid and prints the six fastest with their error against
 cuBLAS (and every timing under "timed"); --sweep-large does the same over a grid for the larger
 sizes, each configuration with the prefetch on and off.
@@ -24,7 +26,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from workers.layers import triton_ops
-from workers.layers.skinny_gemm import skinny_gemm, skinny_gemm_silu_mul
+from workers.layers import skinny_gemm as skinny_module
+from workers.layers.skinny_gemm import skinny_gemm, skinny_gemm_silu_mul, staged_gemm
 from workers.model_configs import BUILTIN_CONFIGS
 
 
@@ -96,6 +99,11 @@ def main(argv=None) -> None:
                    "n": n, "k": k, "floor_us": n * k * 2 / (args.copy_tbps * 1e6),
                    "cublas_us": graph_us(lambda: [torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)], calls)}
             row["skinny_us"], row["rel_err_vs_cublas"] = time_config()
+            row["staged"] = staged_gemm is not None and staged_gemm.warps_for(x, weights[0]) is not None
+            if row["staged"]:  # skinny_us was staged_gemm.py's kernel: the Triton one beside it
+                skinny_module.STAGED = False
+                row["skinny_triton_us"] = time_config()[0]
+                skinny_module.STAGED = True
             row["skinny_l2_prefetch_us"] = time_config(prefetch=True)[0]
             if name == "gate_up":
                 row.update(_mlp_front_us(x, weights, calls))
