@@ -137,3 +137,27 @@ def test_the_mlp_runs_silu_mul_inside_gate_up_at_few_rows(tiny_model_dir, monkey
     monkeypatch.setattr(linear_module, "FUSE_SILU_MUL", True)
     forward([MAX_ROWS, 1])
     assert len(calls) == hf_config.num_hidden_layers, "more than MAX_ROWS rows keep cuBLAS and the kernel"
+
+
+def test_a_staged_gemm_that_fails_to_build_leaves_this_kernel_for_the_process(monkeypatch, caplog):
+    """staged_gemm.py is written in Gluon, which is experimental: a Triton release that no longer
+    builds it costs speed, not the request. Runs on the interpreter too (warps_for forced)."""
+    staged = skinny_module.staged_gemm
+    if staged is None:
+        pytest.skip("this Triton has no Gluon")
+    from triton.runtime.errors import OutOfResources
+
+    def fails(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(staged, "_disabled_by", None)
+    real_warps_for = staged.warps_for
+    monkeypatch.setattr(staged, "warps_for", lambda *a: None if staged._disabled_by else 4)
+    monkeypatch.setattr(staged, "staged_gemm", fails)
+    dtype = DTYPES[0]
+    weight = (torch.randn(64, 256, device=DEVICE) * 0.05).to(dtype)
+    x = torch.randn(3, 256, device=DEVICE).to(dtype)
+    with caplog.at_level("WARNING", logger=staged.__name__):
+        _within_one_rounding(skinny_gemm(x, weight), x.float() @ weight.float().T)
+    assert "failed to build" in caplog.text and staged._disabled_by is not None
+    assert real_warps_for(x, weight) is None, "the rest of the process keeps this kernel"

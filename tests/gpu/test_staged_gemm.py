@@ -91,3 +91,4 @@ def test_skinny_gemm_sends_the_weights_it_takes_to_it(monkeypatch):
     monkeypatch.setattr(skinny_module, "STAGED", False)
     _within_one_rounding(skinny_module.skinny_gemm(x, weight), ref)
     assert len(calls) == 2, "FOLOVLLM_STAGED_GEMM=0 keeps the Triton kernel"
+

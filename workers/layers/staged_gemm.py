@@ -19,6 +19,7 @@ mma chain was what the GEMM waited on after its wait (s16-call4; docs/benchmarks
 session). skinny_gemm sends a weight here when warps_for() gives a count.
 """
 import functools
+import logging
 
 import torch
 import triton
@@ -29,6 +30,12 @@ from triton.language.extra import libdevice
 
 from workers.layers.pdl import launch_options, use_pdl
 from workers.layers.triton_ops import NO_FMA
+
+logger = logging.getLogger(__name__)
+
+# Gluon is experimental: Triton 3.9 renamed the copy that 3.6 (the GPU machines') calls
+# async_copy_global_to_shared, and keeps the old name only to raise
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 MAX_ROWS = 16  # x rows: the mma's N side, 8 or 16 wide
 ROWS_PER_PROGRAM = 16  # weight rows: one mma M side
@@ -70,7 +77,7 @@ def _copy_chunks(smem, w_rows_ptr, n_ok, START: gl.constexpr, COUNT: gl.constexp
     kk = gl.arange(0, CHUNK_, layout=gl.SliceLayout(0, gl.SliceLayout(1, copy_l)))
     ptrs = w_rows_ptr + (kc[:, None, None] * CHUNK_ + kk[None, None, :])
     mask = (kc >= 0)[:, None, None] & n_ok[None, :, None] & (kk < CHUNK_)[None, None, :]
-    async_copy.async_copy_global_to_shared(smem, ptrs, mask=mask)
+    _async_load(smem, ptrs, mask=mask)
 
 
 @gluon.jit
@@ -158,6 +165,19 @@ def _staged_gemm_kernel(
              mask=(out_rows < M)[None, :] & (out_cols < N)[:, None])
 
 
+_disabled_by: str | None = None  # why this kernel stopped being used in this process (see disable)
+
+
+def disable(error: Exception) -> None:
+    """Stop sending weights here for the rest of the process: a Triton release that no longer
+    compiles this kernel (Gluon changes between releases) must cost speed, not requests."""
+    global _disabled_by
+    if _disabled_by is None:
+        logger.warning("the staged GEMM (workers/layers/staged_gemm.py) failed to build with Triton %s; "
+                       "skinny_gemm's Triton kernel takes its weights from now on: %r", triton.__version__, error)
+    _disabled_by = repr(error)
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -189,9 +209,11 @@ def warps_for_shape(weight_rows: int, k: int, silu_mul: bool, num_sms: int) -> i
 
 
 def warps_for(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> int | None:
-    """Warps a program for x @ weight.T here, or None where skinny_gemm's kernel keeps it: not an
-    NVIDIA Hopper-or-later GPU, not bfloat16, 0 or more than MAX_ROWS rows, unaligned, or a weight
+    """Warps a program for x @ weight.T here, or None where skinny_gemm's kernel keeps it: after
+    disable(), not an NVIDIA Hopper-or-later GPU, not bfloat16, 0 or more than MAX_ROWS rows, unaligned, or a weight
     warps_for_shape refuses."""
+    if _disabled_by is not None:
+        return None
     if not (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and 0 < x.shape[0] <= MAX_ROWS
             and x.dim() == 2 and weight.is_contiguous() and x.stride(-1) == 1):
         return None
