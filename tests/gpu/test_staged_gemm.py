@@ -61,6 +61,7 @@ def test_the_warps_rule():
     assert warps_for_shape(151936, 1024, False, 132) is None  # an lm_head: 9,496 programs
     assert warps_for_shape(1024, 4096, False, 132) is None  # 16 rows of 4096 are 128 KiB
     assert warps_for_shape(1024, 1000, False, 132) is None  # not whole 64-column chunks
+    assert warps_for_shape(1024, 32, False, 132) is None  # no whole chunk at all
     assert warps_for_shape(1024, 64 * 7, False, 132) is None  # 7 chunks: 4 + 3
     assert warps_for_shape(1024, 64 * 20, False, 132) is None  # 16 + 4 chunks: eight warps don't divide 4
 

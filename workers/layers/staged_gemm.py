@@ -193,7 +193,7 @@ def warps_for_shape(weight_rows: int, k: int, silu_mul: bool, num_sms: int) -> i
     kernel does not take it: K not whole chunks, a slice over SMEM_PER_PROGRAM, a head or tail of
     chunks the warps do not divide, or more than _MAX_PROGRAMS_PER_SM programs a SM."""
     chunks = k // CHUNK
-    if k % CHUNK or ROWS_PER_PROGRAM * k * 2 > SMEM_PER_PROGRAM:
+    if chunks == 0 or k % CHUNK or ROWS_PER_PROGRAM * k * 2 > SMEM_PER_PROGRAM:
         return None
     head = 1 << (chunks.bit_length() - 1)
     tail = chunks - head
@@ -210,8 +210,8 @@ def warps_for_shape(weight_rows: int, k: int, silu_mul: bool, num_sms: int) -> i
 
 def warps_for(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> int | None:
     """Warps a program for x @ weight.T here, or None where skinny_gemm's kernel keeps it: after
-    disable(), not an NVIDIA Hopper-or-later GPU, not bfloat16, 0 or more than MAX_ROWS rows, unaligned, or a weight
-    warps_for_shape refuses."""
+    disable(), not an NVIDIA Hopper-or-later GPU, not bfloat16, 0 or more than MAX_ROWS rows,
+    unaligned, or a weight warps_for_shape refuses."""
     if _disabled_by is not None:
         return None
     if not (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and 0 < x.shape[0] <= MAX_ROWS
