@@ -30,15 +30,16 @@ ENABLED = os.environ.get("FOLOVLLM_PDL", "1") != "0"
 
 
 @functools.cache
-def _capable(device_index: int) -> bool:
+def hopper_or_later(device_index: int) -> bool:
+    """An NVIDIA GPU of compute capability 9 or more (PDL; staged_gemm.py's kernel too)."""
     # NVIDIA only: a ROCm build reports its own capability numbers through the same call
     return torch.version.cuda is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with PDL (never on the CPU, under the interpreter)."""
-    return ENABLED and t.is_cuda and _capable(t.device.index if t.device.index is not None
-                                              else torch.cuda.current_device())
+    return ENABLED and t.is_cuda and hopper_or_later(t.device.index if t.device.index is not None
+                                                     else torch.cuda.current_device())
 
 
 def launch_options(pdl: bool) -> dict:

@@ -28,7 +28,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.language.extra import libdevice
 
-from workers.layers.pdl import launch_options, use_pdl
+from workers.layers.pdl import hopper_or_later, launch_options, use_pdl
 from workers.layers.triton_ops import NO_FMA
 
 logger = logging.getLogger(__name__)
@@ -183,11 +183,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.cache
-def _capable(device_index: int) -> bool:
-    return torch.version.cuda is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def warps_for_shape(weight_rows: int, k: int, silu_mul: bool, num_sms: int) -> int | None:
     """Warps a program for a [weight_rows, k] weight on a card of num_sms SMs, or None where the
     kernel does not take it: K not whole chunks, a slice over SMEM_PER_PROGRAM, a head or tail of
@@ -220,7 +215,7 @@ def warps_for(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> 
     if not (weight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0):
         return None
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if not _capable(index):
+    if not hopper_or_later(index):
         return None
     return warps_for_shape(weight.shape[0], weight.shape[1], silu_mul, _num_sms(index))
 
