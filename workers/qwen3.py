@@ -13,6 +13,7 @@ from workers.attention.base import AttentionBackend, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
                             get_rope_theta)
+from workers.layers.staged_decoder import layer_warps
 from workers.parallel import TensorParallelGroup
 
 # HF name fragment -> (our packed parameter fragment, shard id)
@@ -51,16 +52,20 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         # x [T, H]; kv_cache [2, num_blocks, block_size, Hkv, D]
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                          self.num_kv_heads * self.head_dim], dim=-1)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), kv_cache, attn_metadata))  # [T, H]
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
+               attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """The projected q, k, v [T, (Hq + 2 Hkv) D] -> attention's output [T, Hq D], before o_proj."""
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         # a backend that takes K/V already in the cache lets the q/k kernel write them there
         kv_write = (v, kv_cache, attn_metadata.slot_mapping) if self.attn.takes_written_kv else None
         q, k = self.rotary_emb.norm_and_rotate(positions, q.unflatten(-1, (self.num_heads, self.head_dim)),
                                                k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                                                self.q_norm, self.k_norm, kv_write)  # [T, Hq, D], [T, Hkv, D] or None
-        o = self.attn.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.flatten(1))  # [T, H]
+        return self.attn.forward(q, k, v, kv_cache, attn_metadata, self.scale).flatten(1)  # [T, Hq D]
 
 
 class Qwen3MLP(nn.Module):
@@ -95,6 +100,21 @@ class Qwen3DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
 
+    def forward_staged(self, positions: torch.Tensor, stream: torch.Tensor, kv_cache: torch.Tensor,
+                       attn_metadata: AttentionMetadata, warps: tuple[int, int, int, int]) -> torch.Tensor:
+        """The residual stream [T, H] (x + residual: the embedding before the first layer), updated
+        in place: the same layer with its norms and adds in its GEMMs (staged_decoder.py); warps
+        from staged_decoder.layer_warps."""
+        from workers.layers.staged_decoder import staged_linear
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = staged_linear(stream, attn.qkv_proj.weight, warps[0], norm_weight=norm1.weight, eps=norm1.eps)
+        staged_linear(attn.attend(positions, qkv, kv_cache, attn_metadata), attn.o_proj.weight, warps[1],
+                      residual=stream)
+        h = staged_linear(stream, mlp.gate_up_proj.weight, warps[2], silu_mul=True,
+                          norm_weight=norm2.weight, eps=norm2.eps)
+        return staged_linear(h, mlp.down_proj.weight, warps[3], residual=stream)
+
 
 class Qwen3Model(nn.Module):
     def __init__(self, config, parallel: TensorParallelGroup, attn_backend: AttentionBackend):
@@ -113,6 +133,11 @@ class Qwen3Model(nn.Module):
         # order, the prefill tiles) is shared by this forward's layers, never reused by a later forward or a CUDA graph
         # captured after a warm-up with the same metadata (that read a freed order tensor)
         attn_metadata = dataclasses.replace(attn_metadata, decode_order=None, prefill_tile_map=None)
+        warps = layer_warps(x, self.layers[0])  # every layer has the same shapes
+        if warps is not None:  # a step of a few rows, on Hopper in bfloat16: six kernels a layer
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x = layer.forward_staged(positions, x, kv_cache, attn_metadata, warps)
+            return self.norm(x, out=out)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, kv_cache, attn_metadata, residual)
         return self.norm.forward_with_residual(x, residual, out=out)[0]

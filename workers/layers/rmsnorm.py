@@ -38,11 +38,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        """out: where the normed rows go (contiguous, x's shape and dtype); a new tensor when None."""
         ops = fused_ops_for(x, self.weight)
         if ops is not None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return self.forward_torch(x)
+            return ops.rms_norm(x, self.weight, self.eps, out=out)
+        normed = self.forward_torch(x)
+        return normed if out is None else out.copy_(normed)
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()

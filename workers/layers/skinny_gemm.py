@@ -16,8 +16,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
 from workers.layers.pdl import launch_options, pdl_release, pdl_wait, prefetch_l2, use_pdl
 from workers.layers.triton_ops import NO_FMA, silu_mul
@@ -184,9 +182,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, sil
     if warps is not None:
         try:
             return staged_gemm.staged_gemm(x, weight, warps, out=out, silu_mul=silu_mul)
-        # Gluon is experimental (see disable()): a front-end error is a CompilationError, a backend
-        # pass failing a RuntimeError
-        except (CompilationError, OutOfResources, RuntimeError) as error:
+        except staged_gemm.BUILD_ERRORS as error:
             staged_gemm.disable(error)
     bn, bk = block_n or _BLOCK_N, block_k or _BLOCK_K
     pdl = use_pdl(x)

@@ -23,10 +23,12 @@ import logging
 
 import torch
 import triton
+from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.language.extra import libdevice
+from triton.runtime.errors import OutOfResources
 
 from workers.layers.pdl import hopper_or_later, launch_options, use_pdl
 from workers.layers.triton_ops import NO_FMA
@@ -81,9 +83,31 @@ def _copy_chunks(smem, w_rows_ptr, n_ok, START: gl.constexpr, COUNT: gl.constexp
 
 
 @gluon.jit
+def _row_rstd(x_ptr, stride_xm, M, eps, K: gl.constexpr, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """rsqrt(mean(x * x) + eps) of each of x's BLOCK_M rows over K, in float32, in layout (a
+    [BLOCK_M] slice): RMSNorm's scale as triton_ops' _rms_norm_kernel computes it."""
+    W: gl.constexpr = gl.num_warps()
+    SPAN: gl.constexpr = 256 * W  # 8 columns a thread, 16-byte loads
+    row_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, W], [1, 0])
+    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, row_l))
+    c = gl.arange(0, SPAN, layout=gl.SliceLayout(0, row_l))
+    squares = gl.zeros([BLOCK_M, SPAN], gl.float32, row_l)
+    for start in gl.static_range(0, K, SPAN):
+        cols = start + c
+        h = gl.load(x_ptr + m[:, None] * stride_xm + cols[None, :],
+                    mask=(m < M)[:, None] & (cols < K)[None, :], other=0.0).to(gl.float32)
+        squares += h * h
+    mean_sq = gl.sum(squares, axis=1) * (1.0 / K)  # torch's mean multiplies by 1/N
+    return gl.convert_layout(gl.rsqrt(mean_sq + eps), layout)
+
+
+@gluon.jit
 def _mma_group(smem, x_ptr, stride_xm, M, FIRST: gl.constexpr, g: gl.constexpr, acc,
-               BLOCK_M: gl.constexpr, dot_a: gl.constexpr, dot_b: gl.constexpr):
-    """acc += the chunks FIRST + g*W .. + W of K, warp w taking chunk FIRST + g*W + w."""
+               BLOCK_M: gl.constexpr, dot_a: gl.constexpr, dot_b: gl.constexpr,
+               norm_w_ptr, rstd, NORM: gl.constexpr):
+    """acc += the chunks FIRST + g*W .. + W of K, warp w taking chunk FIRST + g*W + w. With NORM,
+    x's rows are RMS-normalised first: rounded to x's dtype after the rstd scale and again after
+    the weight's, as the norm kernel writes them."""
     W: gl.constexpr = gl.num_warps()
     CHUNK_: gl.constexpr = smem.shape[2]
     kw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, dot_b)))
@@ -92,17 +116,25 @@ def _mma_group(smem, x_ptr, stride_xm, M, FIRST: gl.constexpr, g: gl.constexpr, 
     k_idx = (FIRST + g * W + kw)[:, None, None] * CHUNK_ + kb[None, :, None]
     x_t = gl.load(x_ptr + mb[None, None, :] * stride_xm + k_idx,
                   mask=(mb < M)[None, None, :] & (k_idx >= 0), other=0.0)
+    if NORM:
+        dtype: gl.constexpr = x_t.dtype
+        normed = (x_t.to(gl.float32) * rstd[None, None, :]).to(dtype)
+        w = gl.load(norm_w_ptr + k_idx).to(gl.float32)
+        x_t = (w * normed.to(gl.float32)).to(dtype)
     return mma_v2(smem.slice(g * W, W, dim=0).load(dot_a), x_t, acc)
 
 
 @gluon.jit
 def _staged_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, out_ptr, norm_w_ptr, res_ptr, M, N, stride_xm, stride_wn, stride_om, stride_rm, eps,
     K: gl.constexpr, BLOCK_M: gl.constexpr, CHUNK_: gl.constexpr, SILU_MUL: gl.constexpr,
-    USE_PDL: gl.constexpr,
+    NORM: gl.constexpr, RESIDUAL: gl.constexpr, USE_PDL: gl.constexpr,
 ):
     """out = x @ w.T over 16 weight rows a program; with SILU_MUL, w is [gate (N rows) | up (N
-    rows)], a program's rows are 8 gate rows and the same 8 up rows, out = silu(x @ gate.T) * (x @ up.T)."""
+    rows)], a program's rows are 8 gate rows and the same 8 up rows, out = silu(x @ gate.T) * (x @ up.T).
+    NORM: x is RMS-normalised with norm_w and eps first, every program computing its rows' scale
+    (a [16, K] read from L2) instead of a norm kernel before it. RESIDUAL: out = the product
+    rounded, plus res (out may be res: a program reads and writes only its own columns)."""
     ROWS: gl.constexpr = 16
     HALF: gl.constexpr = 8
     W: gl.constexpr = gl.num_warps()
@@ -137,12 +169,17 @@ def _staged_gemm_kernel(
     _pdl_wait_then_release(USE_PDL)
     async_copy.wait_group(0)
 
+    rstd_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, dot_b))
+    if NORM:
+        rstd = _row_rstd(x_ptr, stride_xm, M, eps, K, BLOCK_M, rstd_l)
+    else:
+        rstd = gl.zeros([BLOCK_M], gl.float32, rstd_l)
     acc = gl.zeros([W, ROWS, BLOCK_M], gl.float32, mma_l)
     for g in gl.static_range(HEAD // W):
-        acc = _mma_group(head, x_ptr, stride_xm, M, 0, g, acc, BLOCK_M, dot_a, dot_b)
+        acc = _mma_group(head, x_ptr, stride_xm, M, 0, g, acc, BLOCK_M, dot_a, dot_b, norm_w_ptr, rstd, NORM)
     if TAIL > 0:
         for g in gl.static_range(TAIL // W):
-            acc = _mma_group(tail, x_ptr, stride_xm, M, HEAD, g, acc, BLOCK_M, dot_a, dot_b)
+            acc = _mma_group(tail, x_ptr, stride_xm, M, HEAD, g, acc, BLOCK_M, dot_a, dot_b, norm_w_ptr, rstd, NORM)
     total = gl.sum(acc, axis=0)  # [ROWS, BLOCK_M]: the warps' partial products
 
     dtype: gl.constexpr = out_ptr.dtype.element_ty
@@ -161,10 +198,16 @@ def _staged_gemm_kernel(
         value = gl.convert_layout(total.to(dtype), out_l)
         out_cols = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_l))
     out_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
-    gl.store(out_ptr + out_rows[None, :] * stride_om + out_cols[:, None], value,
-             mask=(out_rows < M)[None, :] & (out_cols < N)[:, None])
+    out_mask = (out_rows < M)[None, :] & (out_cols < N)[:, None]
+    if RESIDUAL:  # the decoder's residual add, rounded as the torch add rounds it
+        res = gl.load(res_ptr + out_rows[None, :] * stride_rm + out_cols[:, None], mask=out_mask, other=0.0)
+        value = (value.to(gl.float32) + res.to(gl.float32)).to(dtype)
+    gl.store(out_ptr + out_rows[None, :] * stride_om + out_cols[:, None], value, mask=out_mask)
 
 
+# What a launch raises when this kernel does not build (Gluon is experimental, see disable()): a
+# front-end error is a CompilationError, a backend pass failing a RuntimeError
+BUILD_ERRORS = (CompilationError, OutOfResources, RuntimeError)
 _disabled_by: str | None = None  # why this kernel stopped being used in this process (see disable)
 
 
@@ -176,6 +219,11 @@ def disable(error: Exception) -> None:
         logger.warning("the staged GEMM (workers/layers/staged_gemm.py) failed to build with Triton %s; "
                        "skinny_gemm's Triton kernel takes its weights from now on: %r", triton.__version__, error)
     _disabled_by = repr(error)
+
+
+def num_sms(device: torch.device) -> int:
+    """The SMs of a CUDA device (warps_for_shape's num_sms)."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
@@ -221,16 +269,27 @@ def warps_for(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> 
 
 
 def staged_gemm(x: torch.Tensor, weight: torch.Tensor, warps: int, out: torch.Tensor | None = None,
-                silu_mul: bool = False) -> torch.Tensor:
+                silu_mul: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight.T ([N, K]), or with silu_mul (weight [gate | up]) silu(x @ gate.T) * (x @ up.T);
-    warps from warps_for(x, weight, silu_mul)."""
+    warps from warps_for(x, weight, silu_mul).
+    norm_weight: x's rows are first RMS-normalised with it and eps (RMSNorm's rounding).
+    residual [M, N]: the result plus residual; out may be residual itself (an in-place add)."""
     m, k = x.shape
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    norm = norm_weight is not None
+    if norm:
+        assert norm_weight.shape == (k,) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.dtype == x.dtype and residual.stride(1) == 1 and not silu_mul
     pdl = use_pdl(x)
     _staged_gemm_kernel[(triton.cdiv(weight.shape[0], ROWS_PER_PROGRAM),)](
-        x, weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=8 if m <= 8 else 16, CHUNK_=CHUNK, SILU_MUL=silu_mul, USE_PDL=pdl,
-        num_warps=warps, **(NO_FMA if silu_mul else {}), **launch_options(pdl))
+        x, weight, out, norm_weight if norm else weight, residual if residual is not None else out,
+        m, n, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, eps,
+        K=k, BLOCK_M=8 if m <= 8 else 16, CHUNK_=CHUNK, SILU_MUL=silu_mul, NORM=norm,
+        RESIDUAL=residual is not None, USE_PDL=pdl,
+        num_warps=warps, **(NO_FMA if silu_mul or norm else {}), **launch_options(pdl))
     return out
