@@ -83,22 +83,24 @@ def _copy_chunks(smem, w_rows_ptr, n_ok, START: gl.constexpr, COUNT: gl.constexp
 
 
 @gluon.jit
-def _row_rstd(x_ptr, stride_xm, M, eps, K: gl.constexpr, BLOCK_M: gl.constexpr, layout: gl.constexpr):
-    """rsqrt(mean(x * x) + eps) of each of x's BLOCK_M rows over K, in float32, in layout (a
-    [BLOCK_M] slice): RMSNorm's scale as triton_ops' _rms_norm_kernel computes it."""
+def _row_rstd(x_ptr, stride_xm, M, eps, K: gl.constexpr, CHUNK_: gl.constexpr, BLOCK_M: gl.constexpr,
+              dot_b: gl.constexpr):
+    """rsqrt(mean(x * x) + eps) of each of x's BLOCK_M rows over K in float32 (RMSNorm's scale, as
+    triton_ops' _rms_norm_kernel computes it), in the layout _mma_group broadcasts it in. The rows
+    are read in _mma_group's own layout and order, so its loads of them hit L1; one reduction
+    across the warps, no layout conversion."""
     W: gl.constexpr = gl.num_warps()
-    SPAN: gl.constexpr = 256 * W  # 8 columns a thread, 16-byte loads
-    row_l: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, W], [1, 0])
-    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, row_l))
-    c = gl.arange(0, SPAN, layout=gl.SliceLayout(0, row_l))
-    squares = gl.zeros([BLOCK_M, SPAN], gl.float32, row_l)
-    for start in gl.static_range(0, K, SPAN):
-        cols = start + c
-        h = gl.load(x_ptr + m[:, None] * stride_xm + cols[None, :],
-                    mask=(m < M)[:, None] & (cols < K)[None, :], other=0.0).to(gl.float32)
+    kw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, dot_b)))
+    kb = gl.arange(0, CHUNK_, layout=gl.SliceLayout(0, gl.SliceLayout(2, dot_b)))
+    mb = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(1, dot_b)))
+    squares = gl.zeros([W, CHUNK_, BLOCK_M], gl.float32, dot_b)
+    for g in gl.static_range(K // (CHUNK_ * W)):
+        k_idx = (g * W + kw)[:, None, None] * CHUNK_ + kb[None, :, None]
+        h = gl.load(x_ptr + mb[None, None, :] * stride_xm + k_idx,
+                    mask=(mb < M)[None, None, :] & (k_idx >= 0), other=0.0).to(gl.float32)
         squares += h * h
-    mean_sq = gl.sum(squares, axis=1) * (1.0 / K)  # torch's mean multiplies by 1/N
-    return gl.convert_layout(gl.rsqrt(mean_sq + eps), layout)
+    mean_sq = gl.sum(gl.sum(squares, axis=1), axis=0) * (1.0 / K)  # torch's mean multiplies by 1/N
+    return gl.rsqrt(mean_sq + eps)
 
 
 @gluon.jit
@@ -169,11 +171,20 @@ def _staged_gemm_kernel(
     _pdl_wait_then_release(USE_PDL)
     async_copy.wait_group(0)
 
-    rstd_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, dot_b))
-    if NORM:
-        rstd = _row_rstd(x_ptr, stride_xm, M, eps, K, BLOCK_M, rstd_l)
+    dtype: gl.constexpr = out_ptr.dtype.element_ty
+    out_l: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BLOCK_M, BLOCK_M], [W, 1], [1, 0])
+    out_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
+    if SILU_MUL:
+        out_cols = gl.program_id(0) * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_l))
     else:
-        rstd = gl.zeros([BLOCK_M], gl.float32, rstd_l)
+        out_cols = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_l))
+    out_mask = (out_rows < M)[None, :] & (out_cols < N)[:, None]
+    if RESIDUAL:  # read now: its latency hides behind the products
+        res = gl.load(res_ptr + out_rows[None, :] * stride_rm + out_cols[:, None], mask=out_mask, other=0.0)
+    if NORM:
+        rstd = _row_rstd(x_ptr, stride_xm, M, eps, K, CHUNK_, BLOCK_M, dot_b)
+    else:
+        rstd = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(0, gl.SliceLayout(1, dot_b)))
     acc = gl.zeros([W, ROWS, BLOCK_M], gl.float32, mma_l)
     for g in gl.static_range(HEAD // W):
         acc = _mma_group(head, x_ptr, stride_xm, M, 0, g, acc, BLOCK_M, dot_a, dot_b, norm_w_ptr, rstd, NORM)
@@ -182,8 +193,6 @@ def _staged_gemm_kernel(
             acc = _mma_group(tail, x_ptr, stride_xm, M, HEAD, g, acc, BLOCK_M, dot_a, dot_b, norm_w_ptr, rstd, NORM)
     total = gl.sum(acc, axis=0)  # [ROWS, BLOCK_M]: the warps' partial products
 
-    dtype: gl.constexpr = out_ptr.dtype.element_ty
-    out_l: gl.constexpr = gl.BlockedLayout([1, 1], [32 // BLOCK_M, BLOCK_M], [W, 1], [1, 0])
     if SILU_MUL:
         # gate and up rows meet through shared memory, each rounded to dtype first as the GEMM's
         # output would be; then SiLU-mul as triton_ops.silu_mul rounds it
@@ -193,14 +202,9 @@ def _staged_gemm_kernel(
         up = tile.slice(HALF, HALF).load(out_l).to(gl.float32)
         silu = gl.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype)
         value = (silu.to(gl.float32) * up).to(dtype)
-        out_cols = gl.program_id(0) * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_l))
     else:
         value = gl.convert_layout(total.to(dtype), out_l)
-        out_cols = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_l))
-    out_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
-    out_mask = (out_rows < M)[None, :] & (out_cols < N)[:, None]
     if RESIDUAL:  # the decoder's residual add, rounded as the torch add rounds it
-        res = gl.load(res_ptr + out_rows[None, :] * stride_rm + out_cols[:, None], mask=out_mask, other=0.0)
         value = (value.to(gl.float32) + res.to(gl.float32)).to(dtype)
     gl.store(out_ptr + out_rows[None, :] * stride_om + out_cols[:, None], value, mask=out_mask)
 
