@@ -56,11 +56,12 @@ def staged_linear(x: torch.Tensor, weight: torch.Tensor, warps: int, *, silu_mul
     same result from the separate kernels; the next forward takes the plain layer."""
     from workers.layers import skinny_gemm, triton_ops
     staged = skinny_gemm.staged_gemm
-    try:
-        return staged.staged_gemm(x, weight, warps, out=residual, silu_mul=silu_mul, norm_weight=norm_weight,
-                                  eps=eps, residual=residual)
-    except staged.BUILD_ERRORS as error:
-        staged.disable(error)
+    if staged.disabled_by() is None:  # the forward that found it broken finishes on the separate kernels
+        try:
+            return staged.staged_gemm(x, weight, warps, out=residual, silu_mul=silu_mul,
+                                      norm_weight=norm_weight, eps=eps, residual=residual)
+        except staged.BUILD_ERRORS as error:
+            staged.disable(error)
     if norm_weight is not None:
         x = triton_ops.rms_norm(x, norm_weight, eps)
     y = skinny_gemm.skinny_gemm_silu_mul(x, weight) if silu_mul else skinny_gemm.skinny_gemm(x, weight)

@@ -225,6 +225,11 @@ def disable(error: Exception) -> None:
     _disabled_by = repr(error)
 
 
+def disabled_by() -> str | None:
+    """Why disable() stopped this kernel in this process, or None while it is in use."""
+    return _disabled_by
+
+
 def num_sms(device: torch.device) -> int:
     """The SMs of a CUDA device (warps_for_shape's num_sms)."""
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
