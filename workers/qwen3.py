@@ -13,7 +13,7 @@ from workers.attention.base import AttentionBackend, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
                             get_rope_theta)
-from workers.layers.staged_decoder import layer_warps
+from workers.layers import staged_decoder
 from workers.parallel import TensorParallelGroup
 
 # HF name fragment -> (our packed parameter fragment, shard id)
@@ -105,7 +105,7 @@ class Qwen3DecoderLayer(nn.Module):
         """The residual stream [T, H] (x + residual: the embedding before the first layer), updated
         in place: the same layer with its norms and adds in its GEMMs (staged_decoder.py); warps
         from staged_decoder.layer_warps."""
-        from workers.layers.staged_decoder import staged_linear
+        staged_linear = staged_decoder.staged_linear
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv = staged_linear(stream, attn.qkv_proj.weight, warps[0], norm_weight=norm1.weight, eps=norm1.eps)
@@ -133,7 +133,7 @@ class Qwen3Model(nn.Module):
         # order, the prefill tiles) is shared by this forward's layers, never reused by a later forward or a CUDA graph
         # captured after a warm-up with the same metadata (that read a freed order tensor)
         attn_metadata = dataclasses.replace(attn_metadata, decode_order=None, prefill_tile_map=None)
-        warps = layer_warps(x, self.layers[0])  # every layer has the same shapes
+        warps = staged_decoder.layer_warps(x, self.layers[0])  # every layer has the same shapes
         if warps is not None:  # a step of a few rows, on Hopper in bfloat16: six kernels a layer
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_staged(positions, x, kv_cache, attn_metadata, warps)
