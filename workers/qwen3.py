@@ -134,7 +134,7 @@ class Qwen3Model(nn.Module):
         # captured after a warm-up with the same metadata (that read a freed order tensor)
         attn_metadata = dataclasses.replace(attn_metadata, decode_order=None, prefill_tile_map=None)
         warps = staged_decoder.layer_warps(x, self.layers[0])  # every layer has the same shapes
-        if warps is not None:  # a step of a few rows, on Hopper in bfloat16: six kernels a layer
+        if warps is not None:  # a step of a few rows, on Hopper in bfloat16: seven kernels a layer, not nine
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_staged(positions, x, kv_cache, attn_metadata, warps)
             return self.norm(x, out=out)

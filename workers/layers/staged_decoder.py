@@ -2,14 +2,15 @@
 
 In a step of a few rows every kernel of a layer is mostly fixed cost (docs/benchmarks.md, the
 fourteenth and sixteenth sessions: ~1 us a boundary, a few us of dependent loads after each wait).
-The plain layer runs norm, qkv, ..., o, add + norm, gate_up + SiLU-mul, down: the add + norm
-kernels sit between two GEMMs on the critical path. Here they go:
+The plain layer runs nine: add + norm, qkv, q/k norm + RoPE, attention and its merge, o, add +
+norm, gate_up + SiLU-mul, down. The add + norm kernels sit between two GEMMs on the critical
+path. Here they go:
 - each qkv and gate_up program RMS-normalises the residual stream's rows itself (a [16, K] read
   from L2) before its product (staged_gemm's NORM);
 - o and down add their rounded products into the residual stream in their epilogue
   (staged_gemm's RESIDUAL), in place: a program reads and writes only its own columns.
-So the stream holds x + residual after every projection, and a layer is six kernels instead of
-eight. Same values as the plain layer up to the norm's float32 sum of squares (another reduction
+So the stream holds x + residual after every projection, and a layer is seven kernels instead of
+nine. Same values as the plain layer up to the norm's float32 sum of squares (another reduction
 order, as the norm kernel's own note says of torch's).
 
 Taken only where every projection takes the staged GEMM (bfloat16, Hopper and later, at most 16
