@@ -83,21 +83,31 @@ def _copy_chunks(smem, w_rows_ptr, n_ok, START: gl.constexpr, COUNT: gl.constexp
 
 
 @gluon.jit
-def _row_rstd(x_ptr, stride_xm, M, eps, K: gl.constexpr, CHUNK_: gl.constexpr, BLOCK_M: gl.constexpr,
-              dot_b: gl.constexpr):
-    """rsqrt(mean(x * x) + eps) of each of x's BLOCK_M rows over K in float32 (RMSNorm's scale, as
-    triton_ops' _rms_norm_kernel computes it), in the layout _mma_group broadcasts it in. The rows
-    are read in _mma_group's own layout and order, so its loads of them hit L1; one reduction
-    across the warps, no layout conversion."""
+def _x_group(x_ptr, stride_xm, M, FIRST: gl.constexpr, CHUNK_: gl.constexpr, BLOCK_M: gl.constexpr,
+             dot_b: gl.constexpr):
+    """x's chunks FIRST .. FIRST + W of K, transposed as the mma's B operand: [W, CHUNK_, BLOCK_M],
+    warp w holding chunk FIRST + w; rows past M read 0. K's indices come back too ([W, CHUNK_, 1])."""
     W: gl.constexpr = gl.num_warps()
     kw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, dot_b)))
     kb = gl.arange(0, CHUNK_, layout=gl.SliceLayout(0, gl.SliceLayout(2, dot_b)))
     mb = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(1, dot_b)))
+    k_idx = (FIRST + kw)[:, None, None] * CHUNK_ + kb[None, :, None]
+    x_t = gl.load(x_ptr + mb[None, None, :] * stride_xm + k_idx,
+                  mask=(mb < M)[None, None, :] & (k_idx >= 0), other=0.0)
+    return x_t, k_idx
+
+
+@gluon.jit
+def _row_rstd(x_ptr, stride_xm, M, eps, K: gl.constexpr, CHUNK_: gl.constexpr, BLOCK_M: gl.constexpr,
+              dot_b: gl.constexpr):
+    """rsqrt(mean(x * x) + eps) of each of x's BLOCK_M rows over K in float32 (RMSNorm's scale, as
+    triton_ops' _rms_norm_kernel computes it), in the layout _mma_group broadcasts it in. The rows
+    are read as _mma_group reads them (_x_group), so its loads of them hit L1; one reduction
+    across the warps, no layout conversion."""
+    W: gl.constexpr = gl.num_warps()
     squares = gl.zeros([W, CHUNK_, BLOCK_M], gl.float32, dot_b)
     for g in gl.static_range(K // (CHUNK_ * W)):
-        k_idx = (g * W + kw)[:, None, None] * CHUNK_ + kb[None, :, None]
-        h = gl.load(x_ptr + mb[None, None, :] * stride_xm + k_idx,
-                    mask=(mb < M)[None, None, :] & (k_idx >= 0), other=0.0).to(gl.float32)
+        h = _x_group(x_ptr, stride_xm, M, g * W, CHUNK_, BLOCK_M, dot_b)[0].to(gl.float32)
         squares += h * h
     mean_sq = gl.sum(gl.sum(squares, axis=1), axis=0) * (1.0 / K)  # torch's mean multiplies by 1/N
     return gl.rsqrt(mean_sq + eps)
@@ -111,13 +121,7 @@ def _mma_group(smem, x_ptr, stride_xm, M, FIRST: gl.constexpr, g: gl.constexpr, 
     x's rows are RMS-normalised first: rounded to x's dtype after the rstd scale and again after
     the weight's, as the norm kernel writes them."""
     W: gl.constexpr = gl.num_warps()
-    CHUNK_: gl.constexpr = smem.shape[2]
-    kw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, dot_b)))
-    kb = gl.arange(0, CHUNK_, layout=gl.SliceLayout(0, gl.SliceLayout(2, dot_b)))
-    mb = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(1, dot_b)))
-    k_idx = (FIRST + g * W + kw)[:, None, None] * CHUNK_ + kb[None, :, None]
-    x_t = gl.load(x_ptr + mb[None, None, :] * stride_xm + k_idx,
-                  mask=(mb < M)[None, None, :] & (k_idx >= 0), other=0.0)
+    x_t, k_idx = _x_group(x_ptr, stride_xm, M, FIRST + g * W, smem.shape[2], BLOCK_M, dot_b)
     if NORM:
         dtype: gl.constexpr = x_t.dtype
         normed = (x_t.to(gl.float32) * rstd[None, None, :]).to(dtype)
