@@ -1,41 +1,23 @@
 """Paged KV cache bookkeeping: fixed-size blocks, reference counts, a free pool, a prefix cache.
 
-A full block whose KV has been computed is findable by a chained hash of its tokens
-(hash(parent_hash, block tokens)), so equal hashes mean equal whole prefixes. When its last
-reference goes, a cached block stays findable in an LRU pool until it is reused; reuse takes
-never-cached blocks first, then the least recently freed cached one. Every call costs
+The prefix cache is a trie of full blocks whose KV has been computed. A block is found by its
+exact key (parent node, the block's token ids packed as int32 bytes), where a node names one whole
+prefix: the root is 0, and caching a block under a key no block holds yet gives it a fresh node.
+Node ids are never reused, so a node names the same tokens for good: a hit means equal whole
+prefixes, compared token by token (dict lookups), with no hash that could collide. Once a block
+is evicted, its key's node is gone and the blocks cached under it are unreachable, as a
+chained hash's would be; they wait in the LRU pool for their own eviction.
+
+When its last reference goes, a cached block stays findable in an LRU pool until it is reused;
+reuse takes never-cached blocks first, then the least recently freed cached one. Every call costs
 O(blocks touched): it is on the step path.
 """
-import hashlib
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
-from scheduler.request import Sequence
+from scheduler.request import Sequence, pack_token_ids
 
-
-def hash_block(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
-    """Chained content hash of one full block; blake2b, so equal across processes and machines."""
-    return hash_blocks(parent_hash, token_ids, len(token_ids))[0]
-
-
-def hash_blocks(parent_hash: bytes | None, token_ids: Seq[int], block_size: int) -> list[bytes]:
-    """hash_block over consecutive full blocks, chained from parent_hash: the one definition of
-    the chain. The ids are packed once and sliced as bytes: a 2k-token prompt's 128 hashes take
-    ~0.1 ms instead of ~0.15. int32, which every token id fits (the entry points check them against
-    the vocabulary): a 16-token block and its parent hash are then 80 bytes, one blake2b
-    compression, where int64's 144 took two (0.37 against 0.52 us a block). struct packs a list
-    in 19 us where array() took 46 (2,052 ids, CI machine), with the same bytes."""
-    data, width = struct.pack(f"{len(token_ids)}i", *token_ids), 4 * block_size
-    parent_hash = parent_hash or b""
-    if len(data) == width:  # one block, as a decode step fills: no loop (2.0 -> 1.4 us, CI machine)
-        return [hashlib.blake2b(parent_hash + data, digest_size=16).digest()]
-    hashes = []
-    append, blake2b = hashes.append, hashlib.blake2b
-    for start in range(0, len(data) - width + 1, width):
-        parent_hash = blake2b(parent_hash + data[start:start + width], digest_size=16).digest()
-        append(parent_hash)
-    return hashes
+ROOT = 0  # the node of the empty prefix: the parent of every sequence's first block
 
 
 class BlockManager:
@@ -44,11 +26,13 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks  # set while the block is findable
-        self.cached_blocks: dict[bytes, int] = {}  # block hash -> block id
+        # (parent node, packed block tokens) -> block id, and back; a findable block's own node
+        self.cached_blocks: dict[tuple[int, bytes], int] = {}
+        self.block_key: list[tuple[int, bytes] | None] = [None] * num_blocks  # set while findable
+        self.block_node: list[int] = [ROOT] * num_blocks  # meaningful while block_key is set
+        self._next_node = ROOT + 1
         self.free_uncached: deque[int] = deque(range(num_blocks))
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
-        self._num_hashed_blocks: dict[str, int] = {}  # seq id -> leading blocks already registered
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
 
@@ -70,69 +54,74 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache ---------------------------------------------------------------------
-    def _seq_block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The hashes of seq's first num_blocks full blocks (at least). A full block's tokens never
-        change, so each is computed once per sequence, the missing ones in one pass."""
-        hashes, bs = seq.block_hashes, self.block_size
-        if len(hashes) < num_blocks:
-            missing = seq.token_slice(len(hashes) * bs, num_blocks * bs)
-            hashes += hash_blocks(hashes[-1] if hashes else None, missing, bs)
-        return hashes
+    def _block_bytes(self, seq: Sequence, start: int, end: int) -> bytes:
+        """Packed tokens of seq's blocks [start, end). A prompt is packed once a request (its
+        siblings and a requeue reuse it); tokens past it, a few blocks at most, on demand."""
+        bs, num_prompt = self.block_size, seq.num_prompt_tokens
+        if end * bs <= num_prompt:
+            return seq.request.packed_prompt()[4 * start * bs:4 * end * bs]
+        return pack_token_ids(seq.token_slice(start * bs, end * bs))
+
+    def _walk(self, data: bytes) -> list[int]:
+        """The cached blocks that hold data's leading full blocks, from the root to the first miss."""
+        width, node, blocks = 4 * self.block_size, ROOT, []
+        get, block_node, append = self.cached_blocks.get, self.block_node, blocks.append
+        # one dict lookup a block: ~0.25 us against ~0.7 for a chained blake2b (CI machine)
+        for start in range(0, len(data) - width + 1, width):
+            block_id = get((node, data[start:start + width]))
+            if block_id is None:
+                break
+            append(block_id)
+            node = block_node[block_id]
+        return blocks
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks; no state changes.
 
         Stops one token short of the whole sequence: the last token is always computed so that
-        there are logits to sample from.
+        there are logits to sample from (a requeued sequence included, whatever it cached while a
+        sampled token was pending that a dead worker then lost).
         """
         if not self.enable_prefix_caching:
             return []
-        # every hash looked up at C speed, then cut at the first miss: a per-block Python loop
-        # cost ~25 us of a 2k-token prefix hit
-        num_blocks = (seq.num_tokens - 1) // self.block_size
-        # the sequence may hold more hashes than that (a block of its last known token, hashed
-        # while a sampled token was pending that a dead worker then lost): never look them up
-        hashes = self._seq_block_hashes(seq, num_blocks)[:num_blocks]
-        blocks = list(map(self.cached_blocks.get, hashes))
-        if None in blocks:
-            del blocks[blocks.index(None):]
-        return blocks
+        return self._walk(self._block_bytes(seq, 0, (seq.num_tokens - 1) // self.block_size))
 
     def num_cached_tokens(self, token_ids: list[int]) -> int:
         """Tokens of this prompt the cache would serve now; touches neither LRU order nor stats."""
         if not self.enable_prefix_caching:
             return 0
-        # block by block: the walk stops at the first miss, which for most prompts is the first block
-        bs, parent, num_hit = self.block_size, None, 0
-        for i in range((len(token_ids) - 1) // bs):
-            parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
-            if parent not in self.cached_blocks:
-                break
-            num_hit += bs
-        return num_hit
+        num_blocks = (len(token_ids) - 1) // self.block_size
+        return len(self._walk(pack_token_ids(token_ids[:num_blocks * self.block_size]))) * self.block_size
 
     def cache_blocks(self, seq: Sequence) -> None:
         """Make seq's full computed blocks findable. Call once their KV is written (after the step)."""
         if not self.enable_prefix_caching:
             return
         # blocks whose tokens are all known: KV computed past num_tokens is for pending samples.
-        # Called for every sequence whose step filled a block (half of them a step at k = 8),
-        # so lookups are bound once
+        # Called for every sequence whose step filled a block (half of them a step at k = 8)
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        seq_id = seq.seq_id
-        start = self._num_hashed_blocks.get(seq_id, 0)
+        nodes = seq.block_nodes  # one a block already keyed: those blocks are done
+        start = len(nodes)
         if num_full <= start:
             return
-        hashes, block_ids = self._seq_block_hashes(seq, num_full), seq.block_ids
-        cached_blocks, block_hash_of = self.cached_blocks, self.block_hash
-        for i in range(start, num_full):
-            block_hash, block_id = hashes[i], block_ids[i]
-            # an equal block computed twice (two requests prefilling the same prefix at once)
-            # stays uncached: the first copy is the one others find
-            if block_hash not in cached_blocks and block_hash_of[block_id] is None:
-                cached_blocks[block_hash] = block_id
-                block_hash_of[block_id] = block_hash
-        self._num_hashed_blocks[seq_id] = num_full
+        data, width = self._block_bytes(seq, start, num_full), 4 * self.block_size
+        cached_blocks, block_key, block_node = self.cached_blocks, self.block_key, self.block_node
+        node = nodes[-1] if nodes else ROOT
+        for i, block_id in enumerate(seq.block_ids[start:num_full]):
+            key = (node, data[i * width:(i + 1) * width])
+            found = cached_blocks.get(key)
+            if found is not None:
+                # an equal block computed twice (two requests prefilling the same prefix at
+                # once) stays uncached: the first copy is the one others find; its node names
+                # this block's prefix too
+                node = block_node[found]
+            elif block_key[block_id] is None:
+                node, self._next_node = self._next_node, self._next_node + 1
+                cached_blocks[key] = block_id
+                block_key[block_id], block_node[block_id] = key, node
+            else:  # keyed under another prefix, which sharing by hit or fork never does: the
+                break  # rest stays uncached rather than chained from a node that isn't its prefix
+            nodes.append(node)
 
     # ---- allocation -----------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_tokens: int, computed_blocks: Seq[int] = ()) -> bool:
@@ -157,7 +146,8 @@ class BlockManager:
                 self.prefix_cache_hits += len(computed_blocks) * self.block_size
             self._take(computed_blocks)
             new_block_ids.extend(computed_blocks)
-            self._num_hashed_blocks[seq.seq_id] = len(computed_blocks)
+            # nodes only from this cache: a sequence resumed from another replica holds none
+            seq.block_nodes = list(map(self.block_node.__getitem__, computed_blocks))
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(new_block_ids)
         for _ in range(num_new):
             block_id = self._pop_free()
@@ -172,22 +162,23 @@ class BlockManager:
         assert num_blocks * self.block_size <= parent.num_computed_tokens, "only computed full blocks are shared"
         child.block_ids = parent.block_ids[:num_blocks]
         self._take(child.block_ids)
-        # the parent registered whatever of these it could; the child never re-registers them
-        self._num_hashed_blocks[child.seq_id] = num_blocks
+        # the parent keyed these when their step ended (before its siblings fork): the child's
+        # later blocks chain from the same nodes
+        child.block_nodes = parent.block_nodes[:num_blocks]
 
     def free(self, seq: Sequence) -> None:
         # Tail first, so a prefix's head is the most recently freed and the last evicted:
         # evicting the head would make the rest of the chain unreachable anyway.
-        ref_counts, block_hash = self.ref_counts, self.block_hash  # bound: ~130 blocks a 2k-token prompt
+        ref_counts, block_key = self.ref_counts, self.block_key  # bound: ~130 blocks a 2k-token prompt
         for block_id in reversed(seq.block_ids):
             ref_counts[block_id] -= 1
             if ref_counts[block_id] == 0:
-                if block_hash[block_id] is None:
+                if block_key[block_id] is None:
                     self.free_uncached.append(block_id)
                 else:
                     self.free_cached[block_id] = None
         seq.block_ids = []
-        self._num_hashed_blocks.pop(seq.seq_id, None)
+        seq.block_nodes = []
 
     def _take(self, block_ids: list[int]) -> None:
         """One more reference to each block; a block nobody referenced leaves the free pool."""
@@ -201,8 +192,8 @@ class BlockManager:
         if self.free_uncached:
             return self.free_uncached.popleft()
         block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently freed
-        del self.cached_blocks[self.block_hash[block_id]]
-        self.block_hash[block_id] = None
+        del self.cached_blocks[self.block_key[block_id]]
+        self.block_key[block_id] = None
         return block_id
 
     # ---- checks ---------------------------------------------------------------------------
@@ -214,6 +205,6 @@ class BlockManager:
         assert len(pool) == self.num_free_blocks == self.num_blocks, (
             f"free pool holds {len(pool)} distinct of {self.num_free_blocks} entries, "
             f"expected all {self.num_blocks} blocks")
-        for block_hash, block_id in self.cached_blocks.items():
-            assert self.block_hash[block_id] == block_hash, f"block {block_id} hash map out of sync"
-        assert not self._num_hashed_blocks, f"per-sequence state left for {sorted(self._num_hashed_blocks)}"
+        for key, block_id in self.cached_blocks.items():
+            assert self.block_key[block_id] == key, f"block {block_id} key map out of sync"
+        assert sum(key is not None for key in self.block_key) == len(self.cached_blocks), "stale block keys"

@@ -8,7 +8,9 @@ for its own first sample. No block is ever written by two sequences, so the work
 copy-on-write.
 """
 import enum
+import struct
 import time
+from collections.abc import Sequence as Seq
 
 from scheduler.sampling_params import SamplingParams
 
@@ -51,6 +53,13 @@ class IllegalTransitionError(RuntimeError):
     """A scheduler bug: a sequence was moved between states in a way the lifecycle forbids."""
 
 
+def pack_token_ids(token_ids: Seq[int]) -> bytes:
+    """Token ids as native int32 bytes: the prefix cache's block keys. int32 holds every id (the
+    entry points check them against the vocabulary); struct packs a 2k-token list in ~20 us where
+    array() took ~45 (CI machine)."""
+    return struct.pack(f"{len(token_ids)}i", *token_ids)
+
+
 def token_slice(prompt_token_ids: list[int], output_token_ids: list[int], start: int, end: int) -> list[int]:
     """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
     num_prompt = len(prompt_token_ids)
@@ -87,7 +96,8 @@ class Sequence:
         self.num_pending = 0
         self.num_cached_tokens = 0  # prompt tokens not computed at first admission: prefix hit or fork
         self.block_ids: list[int] = []
-        self.block_hashes: list[bytes] = []  # chained hashes of full token blocks, filled lazily
+        # the prefix cache's node of each leading full block keyed so far (block_manager.py)
+        self.block_nodes: list[int] = []
         self.stop_reason: int | str | None = None
         self._status = RequestStatus.WAITING
 
@@ -146,6 +156,13 @@ class Request:
         self.seqs = [Sequence(self, i) for i in range(sampling_params.n)]
         # siblings that start once seqs[0] has computed the prompt, forking its full blocks
         self.pending_siblings: list[Sequence] = self.seqs[1:]
+        self._packed_prompt: bytes | None = None
+
+    def packed_prompt(self) -> bytes:
+        """The prompt as int32 bytes, packed once: its lookup and its keying after the prefill share it."""
+        if self._packed_prompt is None:
+            self._packed_prompt = pack_token_ids(self.prompt_token_ids)
+        return self._packed_prompt
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,12 +1,8 @@
-import os
-import subprocess
-import sys
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.block_manager import BlockManager, hash_block, hash_blocks
+from scheduler.block_manager import ROOT, BlockManager
 from scheduler.request import Request, Sequence
 from scheduler.sampling_params import SamplingParams
 
@@ -97,15 +93,16 @@ def test_hit_never_covers_the_last_token():
     bm.check_no_leaks()
 
 
-def test_a_requeued_sequence_recomputes_its_last_token_whatever_it_hashed():
-    """A sequence can hold the hash of its last known token's block (hashed while a sampled token
-    was pending); if a dead worker loses that token, the requeued sequence must still compute its
-    last token, or it would have no logits to sample from."""
+def test_a_requeued_sequence_recomputes_its_last_token_whatever_it_cached():
+    """A sequence can have cached its last known token's block (keyed while a sampled token was
+    pending); if a dead worker loses that token, the requeued sequence must still compute its last
+    token, or it would have no logits to sample from."""
     bm = BlockManager(16, BS)
     seq = make_seq(range(8))
     admit(bm, seq)
-    assert len(seq.block_hashes) == 2, "both full blocks hashed, the last token's included"
+    assert len(seq.block_nodes) == 2 and len(bm.cached_blocks) == 2, "both full blocks keyed, the last token's included"
     bm.free(seq)
+    assert seq.block_nodes == [], "nodes go with the blocks: a requeue takes them from its hits"
     seq.num_computed_tokens = 0
     assert len(bm.get_computed_blocks(seq)) == 1, "block 1 holds the last token: recompute it"
     bm.check_no_leaks()
@@ -122,24 +119,55 @@ def test_hashes_are_chained():
     bm.check_no_leaks()
 
 
-def test_hash_is_deterministic_across_processes():
-    code = "from scheduler.block_manager import hash_block; print(hash_block(hash_block(None, [1, 2]), [3, 4]).hex())"
-    env = dict(os.environ, PYTHONHASHSEED="123")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert out.stdout.strip() == hash_block(hash_block(None, [1, 2]), [3, 4]).hex()
-    assert hash_block(None, [1, 2]) != hash_block(None, [2, 1]) != hash_block(None, [1, 2, 0])
+def test_keys_are_exact_tokens_under_their_parent_node():
+    bm = BlockManager(16, BS)
+    a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    admit(bm, a)
+    first, second = (bm.block_key[b] for b in a.block_ids[:2])
+    assert first == (ROOT, bm.block_key[a.block_ids[0]][1]) and second[0] == bm.block_node[a.block_ids[0]]
+    assert first[1] == (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + first[1][8:]
+    # ids that a 64-bit reading of the bytes would mix up stay apart: each id is its own int32
+    b = make_seq([1 << 16, 2, 3, 4, 9], "b")
+    assert bm.get_computed_blocks(b) == []
+    bm.free(a)
+    bm.check_no_leaks()
 
 
-def test_hash_blocks_is_the_chain_of_hash_block():
-    ids = [(37 * i) % 1000 for i in range(23)]
-    chain, parent = [], None
-    for start in (0, 4, 8, 12, 16):
-        parent = hash_block(parent, ids[start:start + 4])
-        chain.append(parent)
-    assert hash_blocks(None, ids[:20], 4) == chain
-    assert hash_blocks(None, ids, 4) == chain, "a partial last block has no hash"
-    assert hash_blocks(chain[1], ids[8:20], 4) == chain[2:], "continues a chain from its last hash"
+def test_an_evicted_block_id_keyed_again_gets_a_fresh_node():
+    """Nodes are never reused: a child keyed under an evicted block's node must not match under
+    the node of whatever tokens that block id holds next (as keying by block id would)."""
+    bm = BlockManager(4, BS)
+    a = make_seq(range(9), "a")  # blocks [0..3] and [4..7] keyed, the tail uncached
+    admit(bm, a)
+    old_nodes = {bm.block_node[b] for b in a.block_ids[:2]}
+    bm.free(a)
+    b = make_seq(list(range(100, 116)), "b")  # every block: both of a's evicted
+    admit(bm, b, computed=False)
+    assert bm.cached_blocks == {}
+    b.num_computed_tokens = 16
+    bm.cache_blocks(b)
+    new_nodes = {bm.block_node[x] for x in b.block_ids}
+    assert len(new_nodes) == 4 and not new_nodes & old_nodes and ROOT not in new_nodes
+    bm.free(b)
+    assert bm.get_computed_blocks(make_seq(range(9), "c")) == []
+    bm.check_no_leaks()
+
+
+def test_nodes_chain_across_a_partial_prompt_and_outputs():
+    """Blocks keyed over several steps, outputs included, are found by a prompt of the same tokens."""
+    bm = BlockManager(16, BS)
+    a = make_seq(range(6), "a")
+    admit(bm, a)  # block 0 keyed, block 1 half full
+    a.output_token_ids.extend([50, 51, 52, 53])
+    bm.allocate(a, a.num_tokens)
+    a.num_computed_tokens = a.num_tokens
+    bm.cache_blocks(a)
+    assert len(a.block_nodes) == 2
+    b = make_seq(list(range(6)) + [50, 51, 52, 53, 77], "b")
+    assert bm.get_computed_blocks(b) == a.block_ids[:2]
+    assert bm.num_cached_tokens(b.prompt_token_ids) == 8
+    bm.free(a)
+    bm.check_no_leaks()
 
 
 def test_lru_eviction_takes_uncached_then_least_recently_freed():
@@ -266,7 +294,7 @@ def test_random_operations_keep_invariants(ops, caching):
         assert bm.num_free_blocks + len(set(held)) == bm.num_blocks
         for seq in live:  # a hit never points at a block that was reused for other tokens
             hits = bm.get_computed_blocks(make_seq(seq.prompt_token_ids, "probe"))
-            assert all(bm.block_hash[b] is not None for b in hits)
+            assert all(bm.block_key[b] is not None for b in hits)
     for seq in live:
         bm.free(seq)
     bm.check_no_leaks()
