@@ -47,8 +47,8 @@ def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
     earlier tokens are there for the later ones, as causal attention over the query needs."""
     if len(inputs.input_ids) == len(inputs.req_ids):
         return inputs.seq_lens, inputs.block_tables
-    rows = np.repeat(np.arange(len(inputs.req_ids)), np.diff(inputs.query_start_loc))
-    return (inputs.positions + 1).astype(np.int32), inputs.block_tables[rows]
+    return ((inputs.positions + 1).astype(np.int32),
+            np.repeat(inputs.block_tables, np.diff(inputs.query_start_loc), axis=0))
 
 
 class DecodeGraphs:

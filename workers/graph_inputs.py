@@ -35,7 +35,10 @@ class PackedInputs:
             self.views[name] = buffer[offset:offset + nbytes].view(dtype).view(shape)
             offset = -(-(offset + nbytes) // ALIGN) * ALIGN
         self.num_bytes = offset
-        self._last = name
+        self._last_offset, last_dtype, last_shape = self.layout[name]  # the field copied by rows
+        self._row_bytes = math.prod(last_shape[1:]) * last_dtype.itemsize
+        self._host_views: dict[tuple, dict[str, np.ndarray]] = {}  # (staging, arena, start) -> views
+        self._copy_dst: dict[int, torch.Tensor] = {}  # live rows -> the buffer's bytes a step copies
 
     @staticmethod
     def packed_bytes(fields: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
@@ -50,16 +53,30 @@ class PackedInputs:
         """Write each array into the leading part of its field (rows, and columns for 2-D ones) and
         fill the field's remaining rows where a fill is given; then one non-blocking copy up to
         live_rows rows of the last field."""
-        last_offset, last_dtype, last_shape = self.layout[self._last]
-        row_bytes = math.prod(last_shape[1:]) * last_dtype.itemsize
-        region = staging.region(self.num_bytes)
+        region, slot = staging.region_slot(self.num_bytes)
+        # the fields' typed views of a slot are made once: making them each step (slice, view,
+        # reshape and a tuple of slices a field) was about half of a prefix hit's staging
+        key = (staging, *slot) if slot is not None else None
+        host_views = self._host_views.get(key) if key is not None else None
+        if host_views is None:
+            host_views = {name: region[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+                          for name, (start, dtype, shape) in self.layout.items()}
+            if key is not None:
+                self._host_views[key] = host_views
         for name, (array, fill) in arrays.items():
-            start, dtype, shape = self.layout[name]
-            if array.dtype != dtype or array.ndim != len(shape) or any(a > s for a, s in zip(array.shape, shape)):
+            host = host_views[name]
+            n = len(array)
+            if (array.dtype != host.dtype or array.ndim != host.ndim or n > len(host)
+                    or any(a > h for a, h in zip(array.shape[1:], host.shape[1:]))):
                 raise TypeError(f"{name}: a {array.dtype} array of shape {array.shape} does not fit a "
-                                f"{dtype} field of shape {shape}")
-            host = region[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-            host[tuple(slice(0, n) for n in array.shape)] = array
+                                f"{host.dtype} field of shape {host.shape}")
+            if array.ndim == 1:
+                host[:n] = array
+            else:
+                host[(slice(0, n), *(slice(0, m) for m in array.shape[1:]))] = array
             if fill is not None:
-                host[len(array):] = fill
-        staging.copy_region(self.buffer[:last_offset + live_rows * row_bytes], region)
+                host[n:] = fill
+        dst = self._copy_dst.get(live_rows)
+        if dst is None:
+            dst = self._copy_dst[live_rows] = self.buffer[:self._last_offset + live_rows * self._row_bytes]
+        staging.copy_region(dst, region)

@@ -80,6 +80,12 @@ class PinnedStaging:
         self._offset = start + num_bytes
         return self._arena_arrays[self._current][start:start + num_bytes]
 
+    def region_slot(self, num_bytes: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """region(num_bytes) and where it lies, (arena, start), or None for memory of its own: a
+        caller that writes the same layout every step can keep its typed views of each slot."""
+        region = self.region(num_bytes)
+        return region, (None if region.base is None else (self._current, self._offset - num_bytes))
+
     def copy_region(self, dst: torch.Tensor, region: np.ndarray) -> None:
         """dst (uint8, contiguous) <- region's first len(dst) bytes, without waiting for the device."""
         self._send(dst, region[:dst.numel()], own_memory=region.base is None)
