@@ -97,7 +97,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens not computed at first admission: prefix hit or fork
         self.block_ids: list[int] = []
         # the prefix cache's node of each leading full block keyed so far (block_manager.py)
-        self.block_nodes: list[int] = []
+        self.block_nodes: list[bytes] = []
         self.stop_reason: int | str | None = None
         self._status = RequestStatus.WAITING
 

@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,9 +126,10 @@ def test_keys_are_exact_tokens_under_their_parent_node():
     a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
     admit(bm, a)
     first, second = (bm.block_key[b] for b in a.block_ids[:2])
-    assert first == (ROOT, bm.block_key[a.block_ids[0]][1]) and second[0] == bm.block_node[a.block_ids[0]]
-    assert first[1] == (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + first[1][8:]
-    # ids that a 64-bit reading of the bytes would mix up stay apart: each id is its own int32
+    assert first == ROOT + struct.pack("4i", 1, 2, 3, 4)
+    assert second == bm.block_node[a.block_ids[0]] + struct.pack("4i", 5, 6, 7, 8)
+    assert all(type(k) is bytes for k in bm.cached_blocks), "bytes: keys the garbage collector ignores"
+    # one id different in the first block: no hit
     b = make_seq([1 << 16, 2, 3, 4, 9], "b")
     assert bm.get_computed_blocks(b) == []
     bm.free(a)
