@@ -16,6 +16,7 @@ from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
 from scheduler.token_ids import check_token_ids
+from workers.gc_freeze import freeze_startup_objects
 from workers.tokenizer import load_tokenizer
 from workers.worker import Worker
 
@@ -59,6 +60,7 @@ class LLMEngine:
                                    async_scheduling=config.runtime.async_scheduling)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        freeze_startup_objects()  # the tokenizer and scheduler too, not only the worker's state
 
     @property
     def scheduler(self) -> Scheduler:
