@@ -4,8 +4,7 @@ The prefix cache is a trie of full blocks whose KV has been computed. A block is
 exact key, its parent's node followed by the block's token ids packed as int32 bytes, where a
 node names one whole prefix: the root is node 0, and caching a block under a key no block holds
 yet gives it a fresh node. Keys are bytes, not tuples: the garbage collector does not track
-bytes, and a tuple a cached block made a 2k-token prefill's keys count toward collections that
-then landed in later requests (a ~3 ms outlier in one of nine warm hits, H200).
+bytes, so a cache of many blocks adds nothing to its collections.
 Node ids are never reused, so a node names the same tokens for good: a hit means equal whole
 prefixes, compared token by token (dict lookups), with no hash that could collide. Once a block
 is evicted, its key's node is gone and the blocks cached under it are unreachable, as a

@@ -45,3 +45,20 @@ def test_put_refuses_what_does_not_fit_and_stages_past_the_arena():
     packed.put(staging, {"ids": (np.arange(64, dtype=np.int64), None),
                          "tables": (np.ones((64, 5), dtype=np.int32), None)}, live_rows=64)
     assert packed.views["ids"].tolist() == list(range(64)) and packed.views["tables"].eq(1).all()
+
+
+def test_views_kept_for_a_slot_write_each_step_afresh():
+    """put() keeps its typed views of a staging slot: a later step through the same slot, with
+    fewer rows, writes its own values and padding, none of the earlier step's."""
+    buffer = torch.zeros(PackedInputs.packed_bytes(_fields(4)), dtype=torch.uint8)
+    packed = PackedInputs(_fields(4), buffer)
+    staging = PinnedStaging(4096, torch.device("cpu"), num_arenas=1)
+    for ids, lens, tables in [([5, 6, 7], [1, 2, 3], [[1, 1], [2, 2], [3, 3]]), ([8], [4], [[9, 9, 9]])]:
+        staging.begin_step()
+        packed.put(staging, {"ids": (np.array(ids, dtype=np.int64), 0), "lens": (np.array(lens, dtype=np.int32), -1),
+                             "tables": (np.array(tables, dtype=np.int32), None)}, live_rows=len(ids))
+        v = packed.views
+        assert v["ids"].tolist() == ids + [0] * (4 - len(ids))
+        assert v["lens"].tolist() == lens + [-1] * (4 - len(lens))
+        assert v["tables"][:len(ids), :len(tables[0])].tolist() == tables
+    assert len(packed._host_views) == 1, "one slot, one set of views"
