@@ -33,6 +33,7 @@ from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
 from scheduler.errors import InvalidRequestError, QueueFullError
 from scheduler.output import EngineCoreOutput, pack_outputs
 from scheduler.token_ids import check_token_ids
+from workers.gc_freeze import freeze_startup_objects
 from workers.worker_actor import WorkerActor
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SchedulerActor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._liveness_task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, name="folovllm-step", daemon=True)
+        freeze_startup_objects()  # Ray's and the replicas' start-up state: see workers/gc_freeze.py
         self._thread.start()
 
     # ---- frontend API (event loop) -----------------------------------------------------------------

@@ -85,6 +85,15 @@ def test_dp2_greedy_matches_in_process(dp_engine, reference):
     ray.get(dp_engine.actor.check_no_leaks.remote())
 
 
+def test_scheduler_actor_freezes_its_start_up_objects(dp_engine):
+    """The process that schedules every step keeps its start-up state out of collections
+    (workers/gc_freeze.py; the worker processes freeze theirs in Worker.init_kv_cache)."""
+    def frozen(core):
+        import gc
+        return gc.get_freeze_count() > 0, any(o is core for o in gc.get_objects())
+    assert ray.get(dp_engine.actor.call_on_step_thread.remote(frozen)) == (True, False)
+
+
 def test_abort_frees_blocks_on_its_replica(dp_engine):
     async def run():
         long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
