@@ -19,6 +19,7 @@ import torch
 from workers.pinned_staging import ALIGN, TORCH_DTYPES, PinnedStaging
 
 _NUMPY = {t: n for n, t in TORCH_DTYPES.items()}  # torch dtype -> numpy dtype
+MAX_KEPT_SLOTS = 16  # staging slots (arena, start) whose typed views a layout keeps
 
 
 class PackedInputs:
@@ -62,6 +63,11 @@ class PackedInputs:
             host_views = {name: region[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
                           for name, (start, dtype, shape) in self.layout.items()}
             if key is not None:
+                # a slot's start moves with what the step staged first (the index arrays of a
+                # reordered decode batch): a few dozen starts an arena are possible, ~1 KB each,
+                # and all but a few are rare, so the cache is bounded rather than grown for good
+                if len(self._host_views) >= MAX_KEPT_SLOTS:
+                    self._host_views.clear()
                 self._host_views[key] = host_views
         for name, (array, fill) in arrays.items():
             host = host_views[name]

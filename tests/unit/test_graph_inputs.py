@@ -62,3 +62,17 @@ def test_views_kept_for_a_slot_write_each_step_afresh():
         assert v["lens"].tolist() == lens + [-1] * (4 - len(lens))
         assert v["tables"][:len(ids), :len(tables[0])].tolist() == tables
     assert len(packed._host_views) == 1, "one slot, one set of views"
+
+
+def test_kept_views_are_bounded_and_still_correct_past_the_bound():
+    from workers.graph_inputs import MAX_KEPT_SLOTS
+
+    buffer = torch.zeros(PackedInputs.packed_bytes(_fields(4)), dtype=torch.uint8)
+    packed = PackedInputs(_fields(4), buffer)
+    staging = PinnedStaging(1 << 16, torch.device("cpu"), num_arenas=1)
+    for k in range(3 * MAX_KEPT_SLOTS):  # a different start each step: something staged first
+        staging.begin_step()
+        staging.region(64 * (k + 1))
+        packed.put(staging, {"ids": (np.array([k, k + 1], dtype=np.int64), 0)}, live_rows=0)
+        assert packed.views["ids"].tolist() == [k, k + 1, 0, 0]
+        assert len(packed._host_views) <= MAX_KEPT_SLOTS
