@@ -60,7 +60,7 @@ class LLMEngine:
                                    async_scheduling=config.runtime.async_scheduling)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
-        freeze_startup_objects()  # the tokenizer and scheduler too, not only the worker's state
+        freeze_startup_objects()  # the in-process worker's state with the rest; Ray workers freeze their own
 
     @property
     def scheduler(self) -> Scheduler:

@@ -4,7 +4,6 @@ import torch
 from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from workers.config import ModelConfig
-from workers.gc_freeze import freeze_startup_objects
 from workers.kv_cache import (CPU_KV_CACHE_BYTES, blocks_needed_at_most, bytes_per_block,
                               num_blocks_for_bytes)
 from workers.model_runner import ModelRunner
@@ -77,7 +76,6 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         self._bind_thread()
         self.runner.init_kv_cache(num_blocks)
-        freeze_startup_objects()  # the last start-up step (graphs captured): see gc_freeze.py
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self._bind_thread()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from scheduler.config import CacheConfig, SchedulerConfig
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from workers.config import ModelConfig
+from workers.gc_freeze import freeze_startup_objects
 from workers.parallel import TensorParallelGroup
 from workers.worker import Worker
 
@@ -97,6 +98,9 @@ class WorkerActor:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
+        # the worker process's last start-up step (graphs captured); the in-process engine
+        # freezes once itself, in LLMEngine.__init__: see gc_freeze.py
+        freeze_startup_objects()
 
     def execute_model(self, step: SchedulerOutput | None) -> ModelRunnerOutput | None:
         """Launch step (if any); return the output of the step launched before it (None if none)."""

@@ -87,7 +87,7 @@ def test_dp2_greedy_matches_in_process(dp_engine, reference):
 
 def test_scheduler_actor_freezes_its_start_up_objects(dp_engine):
     """The process that schedules every step keeps its start-up state out of collections
-    (workers/gc_freeze.py; the worker processes freeze theirs in Worker.init_kv_cache)."""
+    (workers/gc_freeze.py; the worker processes freeze theirs in WorkerActor.init_kv_cache)."""
     def frozen(core):
         import gc
         return gc.get_freeze_count() > 0, any(o is core for o in gc.get_objects())
