@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from workers.attention.base import AttentionMetadata
+from workers.attention.row_groups import query_row_groups
 from workers.graph_inputs import PackedInputs
 from workers.input_batch import StepInputs
 from workers.pinned_staging import PinnedStaging
@@ -31,24 +32,29 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-# The longest query a decode graph takes as one row per token. A row reads its whole context, so
-# q rows of one sequence read its K/V q times (from L2 after the first); the prefill kernel reads it
-# once per 128-row tile but pays for a split and a merge on a few tokens. 4 rows over a 2k context:
-# 10.4 us a layer against 14.7 for the split prefill and its merge (H100, s8-call3); at 1 row the
-# decode kernel takes 7.7, so near 8-10 rows the two cross.
+# The longest query a decode graph takes as one row per token. As plain rows, q rows of one
+# sequence read its K/V q times (from L2 after the first); the prefill kernel reads it once per
+# 128-row tile but pays for a split and a merge on a few tokens. 4 rows over a 2k context: 10.4 us
+# a layer against 14.7 for the split prefill and its merge (H100, s8-call3); at 1 row the decode
+# kernel takes 7.7, so near 8-10 rows the two cross. In the query-row graphs (steps of at most
+# this many rows) a query's rows share programs and read its K/V once: the warm 2k-prefix hit's
+# 4-row graph spans 0.852 ms against 0.899 as plain rows (H200, s20-call4).
 MAX_QUERY_ROWS = 8
 
 
-def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
-    """(seq_lens [T], block_tables [T, blocks]) that make each token of the step its own decode row.
+def as_decode_rows(inputs: StepInputs, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(seq_lens [T], block_tables [T, blocks], row_groups [T] or None when every row is its own
+    sequence) that make each token of the step its own decode row; group: query heads per kv head.
 
     A token at position p attends to its sequence's first p + 1 tokens, its own K/V included:
     every layer writes the whole step's K/V to the cache before its attention reads, so a query's
-    earlier tokens are there for the later ones, as causal attention over the query needs."""
+    earlier tokens are there for the later ones, as causal attention over the query needs. The
+    rows of one query share decode programs (row_groups.py), which read its context once."""
     if len(inputs.input_ids) == len(inputs.req_ids):
-        return inputs.seq_lens, inputs.block_tables
-    return ((inputs.positions + 1).astype(np.int32),
-            np.repeat(inputs.block_tables, np.diff(inputs.query_start_loc), axis=0))
+        return inputs.seq_lens, inputs.block_tables, None
+    query_lens = np.diff(inputs.query_start_loc)
+    return ((inputs.positions + 1).astype(np.int32), np.repeat(inputs.block_tables, query_lens, axis=0),
+            query_row_groups(query_lens, group))
 
 
 class DecodeGraphs:
@@ -60,10 +66,13 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         self.max_blocks = max_blocks = -(-max_model_len // block_size)
+        attn = model.model.layers[0].self_attn  # every layer has the same heads (per rank)
+        self.group = attn.num_heads // attn.num_kv_heads
 
         def fields(bs: int) -> list:
             return [("input_ids", torch.long, (bs,)), ("positions", torch.long, (bs,)),
                     ("slot_mapping", torch.long, (bs,)), ("seq_lens", torch.int32, (bs,)),
+                    ("row_groups", torch.int32, (bs,)),
                     ("block_tables", torch.int32, (bs, max_blocks))]  # last: copied up to the live rows
 
         buffer = torch.zeros(PackedInputs.packed_bytes(fields(self.sizes[-1])), dtype=torch.uint8, device=device)
@@ -71,33 +80,45 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(self.sizes[-1] + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # steps of a few rows that hold a query's tokens (a prefix-cache hit) replay graphs whose
+        # decode kernel takes a query's rows in one program (row_groups.py); the others keep the
+        # plain kernel, which reading row groups made ~2% slower (batch-1 decode 0.774 against
+        # 0.758 ms a step, H200, s20-call4). Larger steps with a query run as plain rows.
+        self.query_sizes = [bs for bs in self.sizes if 1 < bs <= MAX_QUERY_ROWS]
+        self.query_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.query_outputs: dict[int, torch.Tensor] = {}
         self.query_row_steps = 0  # steps that ran a query of several tokens as rows
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, bs: int, query_rows: bool) -> AttentionMetadata:
         # max_seq_len is the longest context any replay may see: it fixes the decode split count
         v = self.inputs[bs].views
         return AttentionMetadata(v["slot_mapping"], self.query_start_loc[:bs + 1], v["seq_lens"],
                                  v["block_tables"], list(range(bs + 1)), [self.max_model_len] * bs,
-                                 1, self.max_model_len)
+                                 1, self.max_model_len, row_groups=v["row_groups"] if query_rows else None)
 
-    def args(self, bs: int) -> tuple:
-        """The model's arguments for a graph of bs rows: views of the static buffers."""
+    def args(self, bs: int, query_rows: bool = False) -> tuple:
+        """The model's arguments for a graph of bs rows (of query_rows: with row groups): views of
+        the static buffers."""
         v = self.inputs[bs].views
-        return v["input_ids"], v["positions"], self.kv_caches, self._metadata(bs)
+        return v["input_ids"], v["positions"], self.kv_caches, self._metadata(bs, query_rows)
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+        # largest first, so smaller graphs reuse its memory
+        for bs, query_rows in [(bs, False) for bs in reversed(self.sizes)] + [(bs, True) for bs in
+                                                                                reversed(self.query_sizes)]:
             # every row padding for the warm-up and capture: no KV written, none read
-            self.inputs[bs].reset({"input_ids": 0, "positions": 0, "slot_mapping": -1, "seq_lens": 0})
-            args = self.args(bs)
+            self.inputs[bs].reset({"input_ids": 0, "positions": 0, "slot_mapping": -1, "seq_lens": 0,
+                                   "row_groups": 1})
+            args = self.args(bs, query_rows)
             self.model(*args)  # warm-up outside the capture: Triton compiles, allocators settle
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(*args)
-            self.graphs[bs] = graph
+                output = self.model(*args)
+            graphs, outputs = (self.query_graphs, self.query_outputs) if query_rows else (self.graphs, self.outputs)
+            graphs[bs], outputs[bs] = graph, output
         torch.cuda.synchronize()
 
     def can_run(self, inputs: StepInputs) -> bool:
@@ -109,15 +130,22 @@ class DecodeGraphs:
         """hidden states [T, H] of the step's tokens, one row each; fill(input_ids) as ModelRunner._forward."""
         n = len(inputs.input_ids)
         bs = next(s for s in self.sizes if s >= n)
-        seq_lens, block_tables = as_decode_rows(inputs)
-        self.query_row_steps += n > len(inputs.req_ids)
+        seq_lens, block_tables, row_groups = as_decode_rows(inputs, self.group)
+        self.query_row_steps += row_groups is not None
         packed = self.inputs[bs]
         # padding rows: token 0 at position 0 (valid indices), no KV written and none read
-        packed.put(self.staging, {"input_ids": (inputs.input_ids, 0), "positions": (inputs.positions, 0),
-                                  "slot_mapping": (inputs.slot_mapping, -1), "seq_lens": (seq_lens, 0),
-                                  "block_tables": (block_tables, None)}, live_rows=n)
+        arrays = {"input_ids": (inputs.input_ids, 0), "positions": (inputs.positions, 0),
+                  "slot_mapping": (inputs.slot_mapping, -1), "seq_lens": (seq_lens, 0),
+                  "block_tables": (block_tables, None)}
+        query_rows = row_groups is not None and bs in self.query_graphs
+        if query_rows:
+            arrays["row_groups"] = (row_groups, 1)  # a padding row is a program of its own
+        packed.put(self.staging, arrays, live_rows=n)
         if fill is not None:
             fill(packed.views["input_ids"])
+        if query_rows:
+            self.query_graphs[bs].replay()
+            return self.query_outputs[bs][:n]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

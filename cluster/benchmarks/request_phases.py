@@ -137,12 +137,13 @@ def main(argv=None) -> None:
     # the graphs the last requests replayed, whose buffers still hold their steps: the warm hit's
     # 4 tokens ran as decode rows (cuda_graphs.MAX_QUERY_ROWS), the cold prompt as a prefill
     cold_size = next(t for t in runner.prefill_graphs.sizes if t >= args.prefix_len + 4)
-    for label, graphs, size in (("decode rows (warm)", runner.decode_graphs, 4),
-                                ("prefill (cold)", runner.prefill_graphs, cold_size),
-                                ("decode", runner.decode_graphs, 1)):
-        row = {"bench": "graph_replay", "graphs": label, "size": size, **_probe_graph(graphs.graphs[size])}
+    decode = runner.decode_graphs
+    for label, graph, size in (("decode rows (warm)", decode.query_graphs.get(4, decode.graphs[4]), 4),
+                               ("prefill (cold)", runner.prefill_graphs.graphs[cold_size], cold_size),
+                               ("decode", decode.graphs[1], 1)):
+        row = {"bench": "graph_replay", "graphs": label, "size": size, **_probe_graph(graph)}
         if args.kernels:
-            row.update(_graph_kernels(graphs.graphs[size]))
+            row.update(_graph_kernels(graph))
         print(json.dumps(row))
     llm.shutdown()
 

@@ -72,11 +72,14 @@ def twin_caches(hf_config) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def capture_or_stand_in(graphs, stand_in) -> None:
-    """Capture every size on CUDA; under the interpreter, stand_in(graphs, size) replays eagerly."""
+    """Capture every size on CUDA; under the interpreter, stand_in(graphs, size) replays eagerly
+    (stand_in(graphs, size, query_rows=True) for a decode graph of query rows)."""
     if DEVICE == "cuda":
         graphs.capture()
     else:
         graphs.graphs = {size: stand_in(graphs, size) for size in graphs.sizes}
+        for size in getattr(graphs, "query_sizes", []):
+            graphs.query_graphs[size] = stand_in(graphs, size, query_rows=True)
 
 
 def _eager(model, step: StepInputs, kv_caches) -> torch.Tensor:

@@ -20,11 +20,12 @@ __all__ = ["model_and_config"]  # the module-scoped fixture of tests.gpu.graph_s
 class _EagerReplay:
     """Stands in for a captured graph under the interpreter: replay runs the model on the buffers."""
 
-    def __init__(self, graphs: DecodeGraphs, bs: int):
-        self.graphs, self.bs = graphs, bs
+    def __init__(self, graphs: DecodeGraphs, bs: int, query_rows: bool = False):
+        self.graphs, self.bs, self.query_rows = graphs, bs, query_rows
 
     def replay(self) -> None:
-        self.graphs.outputs[self.bs] = self.graphs.model(*self.graphs.args(self.bs))
+        outputs = self.graphs.query_outputs if self.query_rows else self.graphs.outputs
+        outputs[self.bs] = self.graphs.model(*self.graphs.args(self.bs, self.query_rows))
 
 
 @torch.inference_mode()
@@ -34,6 +35,9 @@ def test_short_queries_as_decode_rows_match_the_eager_prefill(model_and_config):
     graphs = DecodeGraphs(model, kv_graph, max_num_seqs=32, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
                           device=torch.device(DEVICE), staging=make_staging(256, 32))
     capture_or_stand_in(graphs, _EagerReplay)
+    replayed = []  # the sizes of the query-row graphs replayed
+    for size, graph in list(graphs.query_graphs.items()):
+        graphs.query_graphs[size] = _Counted(graph, size, replayed)
     rng = np.random.default_rng(0)
     steps = [
         ([40, 17, 90, 3, 60, 7, 8, 9, 10, 11], [1] * 10),  # decodes: 10 rows pad to 16, stale below
@@ -48,6 +52,18 @@ def test_short_queries_as_decode_rows_match_the_eager_prefill(model_and_config):
         before = graphs.query_row_steps
         check_step_against_eager(graphs, model, step, kv_eager, kv_graph)
         assert graphs.query_row_steps == before + (max(q) > 1)
+    # a query's rows share decode programs in steps of at most MAX_QUERY_ROWS rows (4, 8 and the
+    # two fresh prompts' 5, padded to 8); the 10 rows beside three decodes pad to 16: plain rows
+    assert replayed == [4, MAX_QUERY_ROWS, 8]
+
+
+class _Counted:
+    def __init__(self, graph, size: int, replayed: list):
+        self.graph, self.size, self.replayed = graph, size, replayed
+
+    def replay(self) -> None:
+        self.replayed.append(self.size)
+        self.graph.replay()
 
 
 def test_decode_graphs_refuse_long_queries_and_too_many_rows(model_and_config):

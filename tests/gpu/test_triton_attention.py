@@ -188,6 +188,48 @@ def test_decode_dtypes_groups_and_empty_rows(dtype, group):
         assert (out[1] == 0).all() and (out[4] == 0).all()
 
 
+@pytest.mark.parametrize("group", [2, 4])
+def test_decode_row_groups_take_a_querys_rows_in_one_program(group):
+    """One sequence's query tokens as decode rows (a prefix-cache hit in a decode graph): rows that
+    share a program each see their own causal context, as they do in programs of their own."""
+    from workers.attention.row_groups import query_row_groups
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    block_size = 16
+    context = 2000 if DEVICE == "cuda" else 90
+    # a decode, a 4-token hit, a padding row (no context), a 9-token query (more rows than a
+    # program takes), a decode: (cached tokens, query tokens)
+    queries = [(300, 1), (context, 4), (-1, 1), (70, 9), (5, 1)]
+    totals = [c + q for c, q in queries]
+    kv_cache = make_cache([max(1, n) for n in totals], block_size, dtype)
+    seq_tables = make_block_tables([max(1, n) for n in totals], block_size, kv_cache.shape[1])
+    query_lens = torch.tensor([q for _, q in queries])
+    rows = torch.repeat_interleave(torch.arange(len(queries)), query_lens)
+    row_lens = [c + i + 1 if c >= 0 else 0 for c, q in queries for i in range(q)]
+    tables = seq_tables[rows.to(DEVICE)]
+    md = make_metadata(row_lens, [1] * len(row_lens), tables, block_size)
+    row_groups = torch.from_numpy(query_row_groups(query_lens.numpy(), group)).to(DEVICE)
+    assert row_groups.tolist() == [1, 4, 0, 0, 0, 1, *([8, 0, 0, 0, 0, 0, 0, 0, 1] if group == 2 else
+                                                        [4, 0, 0, 0, 4, 0, 0, 0, 1]), 1]
+    query = torch.randn(len(row_lens), NUM_KV_HEADS * group, HEAD_DIM, dtype=dtype, device=DEVICE)
+    ref = attention_ref(query, kv_cache, md, 0.1)
+    for num_splits in (1, 3, 17):
+        alone = paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens, 0.1, num_splits)
+        out = poisoned(query.shape, dtype)
+        paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens, 0.1, num_splits, out=out,
+                               row_groups=row_groups)
+        assert_close(out, ref, dtype)
+        assert_close(alone, ref, dtype)
+        assert (out[5] == 0).all(), "a padding row's output is zero"
+        again = paged_decode_attention(query, kv_cache, md.block_tables, md.seq_lens, 0.1, num_splits,
+                                       row_groups=row_groups,
+                                       order=torch.randperm(len(row_lens), device=DEVICE).to(torch.int32))
+        assert torch.equal(out, again), "the program order or a second run changed a value"
+        # a plain decode row is computed exactly as without groups
+        for r in (0, len(row_lens) - 1):
+            assert torch.equal(out[r], alone[r])
+
+
 PREFILL_CASES = {
     # name: (context lengths before the step, query lengths)
     "no_prefix": ([0, 0, 0, 0, 0], [1, 17, 100, 257, 1000]),

@@ -1,5 +1,6 @@
 import numpy as np
 
+from workers.attention.row_groups import decode_tile_rows, query_row_groups, rows_per_program
 from workers.cuda_graphs import MAX_QUERY_ROWS, as_decode_rows, capture_sizes, prefill_token_sizes
 from workers.input_batch import StepInputs
 
@@ -41,14 +42,38 @@ def _inputs(context_lens: list[int], query_lens: list[int], tables: list[list[in
 def test_decode_rows_give_each_query_token_its_causal_context_and_its_sequences_blocks():
     # a decode, a prefix-cache hit of 3 new tokens over 32 cached, and a 2-token chunk of a fresh prompt
     step = _inputs([9, 32, 0], [1, 3, 2], [[5], [7, 8, 9], [4]])
-    seq_lens, tables = as_decode_rows(step)
+    seq_lens, tables, row_groups = as_decode_rows(step, group=2)
     assert seq_lens.tolist() == [10, 33, 34, 35, 1, 2]
     assert tables.tolist() == [[5, 0, 0], [7, 8, 9], [7, 8, 9], [7, 8, 9], [4, 0, 0], [4, 0, 0]]
-    assert seq_lens.dtype == np.int32 and tables.dtype == np.int32
+    # each query's rows go to the program of its first row; the decode row has its own
+    assert row_groups.tolist() == [1, 3, 0, 0, 2, 0]
+    assert seq_lens.dtype == np.int32 and tables.dtype == np.int32 and row_groups.dtype == np.int32
 
 
 def test_a_decode_only_step_keeps_its_rows():
     step = _inputs([9, 40], [1, 1], [[5], [6, 7, 8]])
-    seq_lens, tables = as_decode_rows(step)
-    assert seq_lens is step.seq_lens and tables is step.block_tables
+    seq_lens, tables, row_groups = as_decode_rows(step, group=2)
+    assert seq_lens is step.seq_lens and tables is step.block_tables and row_groups is None
     assert MAX_QUERY_ROWS >= 4, "a prefix-cache hit's few new tokens should fit the decode graphs"
+
+
+def test_row_groups_fill_the_decode_tile_with_one_querys_rows():
+    # the tile has a row per query head of a kv head, at least 16: Qwen3-0.6B's 2 heads leave
+    # room for 8 query rows, 8B's 4 for 4, 32B's 8 for 2; 5 heads pad to 8 (16 rows: 3 fit)
+    assert [decode_tile_rows(g) for g in (1, 2, 4, 5, 8, 16, 32)] == [16, 16, 16, 16, 16, 16, 32]
+    assert [rows_per_program(g) for g in (1, 2, 4, 5, 8, 16, 32)] == [16, 8, 4, 3, 2, 1, 1]
+    assert rows_per_program(2) >= MAX_QUERY_ROWS, "0.6B's longest query as rows should take one program"
+    # a query longer than a program takes is cut into chunks, each led by its first row
+    assert query_row_groups(np.array([1, 9, 3]), group=2).tolist() == [1, 8, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0]
+    assert query_row_groups(np.array([7, 1]), group=4).tolist() == [4, 0, 0, 0, 3, 0, 0, 1]
+    assert query_row_groups(np.array([3]), group=16).tolist() == [1, 1, 1]
+    for lens, group in (([1, 9, 3], 2), ([7, 1, 2], 4), ([5, 5], 8), ([8], 5)):
+        groups = query_row_groups(np.array(lens), group)
+        # every row is taken by exactly one program, never one past its own query's rows
+        covered = [r for lead, g in enumerate(groups.tolist()) for r in range(lead, lead + g)]
+        assert covered == list(range(sum(lens)))
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        for lead, g in enumerate(groups.tolist()):
+            if g:
+                query = np.searchsorted(starts, lead, side="right") - 1
+                assert lead + g <= starts[query + 1] and g <= rows_per_program(group)

@@ -29,6 +29,9 @@ class AttentionMetadata:
     decode_order: torch.Tensor | None = None
     # (tile_starts, tile_seq) of the prefill kernel's query tiles: the same per-forward scratch
     prefill_tile_map: tuple[torch.Tensor, torch.Tensor] | None = None
+    # [S] int32, decode-only steps whose rows include one sequence's query tokens (a CUDA graph's
+    # prefix-cache hit): the rows each row's program takes (workers/attention/row_groups.py)
+    row_groups: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

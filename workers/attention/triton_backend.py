@@ -112,7 +112,7 @@ class TritonBackend:
                 metadata.decode_order = torch.argsort(metadata.seq_lens, descending=True).to(torch.int32)
             return paged_decode_attention(
                 query, kv_cache, metadata.block_tables, metadata.seq_lens, scale, num_splits,
-                order=metadata.decode_order if self.longest_first else None)
+                order=metadata.decode_order if self.longest_first else None, row_groups=metadata.row_groups)
         num_kv_heads = kv_cache.shape[3]
         group = query.shape[1] // num_kv_heads
         num_splits = self.num_prefill_splits(query.shape[0], num_kv_heads, group, metadata.max_seq_len)
