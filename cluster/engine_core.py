@@ -68,11 +68,14 @@ class EngineCore:
     pending: list = field(default_factory=list)  # drained work waiting for a live replica
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None,
+                    packed_prompt: bytes | None = None) -> None:
+        """packed_prompt: as Scheduler.add_request takes it."""
         if req_id in self.placements:
             raise InvalidRequestError("request_id", f"{req_id!r} is already running; ids must be unique")
         replica = self._place(prompt_token_ids)
-        replica.scheduler.add_request(req_id, prompt_token_ids, sampling_params, priority, arrival_time)
+        replica.scheduler.add_request(req_id, prompt_token_ids, sampling_params, priority, arrival_time,
+                                      packed_prompt)
         self.placements[req_id] = replica.replica_id
 
     def add_requests(self, requests: list[tuple]) -> None:

@@ -15,7 +15,7 @@ from cluster.output_processor import RequestDelta, RequestOutputProcessor
 from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
-from scheduler.token_ids import check_token_ids
+from scheduler.token_ids import check_and_pack_token_ids
 from workers.gc_freeze import freeze_startup_objects
 from workers.tokenizer import load_tokenizer
 from workers.worker import Worker
@@ -74,9 +74,14 @@ class LLMEngine:
             self.core.shutdown()
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self._tokenize(prompt)[0]
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], bytes | None]:
+        """The prompt's ids, and for ids given by the caller their packing (the scheduler's prefix
+        cache keys) from the same check."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return check_token_ids(prompt, self.vocab_size)
+            return self.tokenizer.encode(prompt, add_special_tokens=False), None
+        return check_and_pack_token_ids(prompt, self.vocab_size)
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
@@ -92,8 +97,8 @@ class LLMEngine:
             params = params or SamplingParams()
             params.check_vocab(self.vocab_size)
             request_id = request_id if request_id is not None else str(next(self._ids))
-            token_ids = self.tokenize(prompt)
-            batch.append((request_id, token_ids, params, priority, now))
+            token_ids, packed = self._tokenize(prompt)
+            batch.append((request_id, token_ids, params, priority, now, packed))
             completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
                                             [] if params.logprobs is not None else None) for i in range(params.n)]
             output = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids, completions,

@@ -62,7 +62,8 @@ class RayEngineCore:
         self.add_requests([(req_id, prompt_token_ids, sampling_params, priority, arrival_time)])
 
     def add_requests(self, requests: list[tuple]) -> None:
-        """(req_id, prompt_token_ids, sampling_params, priority, arrival_time) each, all or none.
+        """(req_id, prompt_token_ids, sampling_params, priority, arrival_time[, packed_prompt]) each,
+        all or none. The scheduler actor checks and packs the ids itself: a packing is not sent.
 
         Sent together they reach the scheduler in one batch at one step boundary; one by one,
         each add would wait for a step boundary of its own while the engine ran a part batch.

@@ -147,7 +147,9 @@ class Request:
     """
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 priority: int = 0, arrival_time: float | None = None):
+                 priority: int = 0, arrival_time: float | None = None, packed_prompt: bytes | None = None):
+        """packed_prompt: pack_token_ids(prompt_token_ids) where the caller has it already."""
+        assert packed_prompt is None or len(packed_prompt) == 4 * len(prompt_token_ids), "not this prompt's packing"
         self.req_id = req_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -156,7 +158,7 @@ class Request:
         self.seqs = [Sequence(self, i) for i in range(sampling_params.n)]
         # siblings that start once seqs[0] has computed the prompt, forking its full blocks
         self.pending_siblings: list[Sequence] = self.seqs[1:]
-        self._packed_prompt: bytes | None = None
+        self._packed_prompt = packed_prompt
 
     def packed_prompt(self) -> bytes:
         """The prompt as int32 bytes, packed once: its lookup and its keying after the prefill share it."""

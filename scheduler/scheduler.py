@@ -67,8 +67,10 @@ class Scheduler:
 
     # ---- requests in and out --------------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None,
+                    packed_prompt: bytes | None = None) -> None:
         """Queue a request; raises InvalidRequestError naming the bad field, or QueueFullError.
+        packed_prompt: the prompt as check_and_pack_token_ids packs it, when the caller checked it so.
 
         The queue limit counts waiting sequences (preempted ones included): a queue clogged by
         preemptions refuses new work too.
@@ -82,7 +84,7 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_queued_requests:
             raise QueueFullError(f"{len(self.waiting)} sequences are waiting "
                                  f"(max_queued_requests={self.config.max_queued_requests}); retry later")
-        self._enqueue(Request(req_id, list(prompt_token_ids), sampling_params, priority, arrival_time))
+        self._enqueue(Request(req_id, list(prompt_token_ids), sampling_params, priority, arrival_time, packed_prompt))
 
     def add_resumed(self, request: Request) -> None:
         """Take a request drained from another replica; it recomputes, keeping its output tokens.

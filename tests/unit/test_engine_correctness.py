@@ -117,6 +117,22 @@ def test_prefix_cache_hit_keeps_output(llm, hf_reference):
     check_no_leaks(llm)
 
 
+def test_token_id_prompts_reach_the_prefix_cache_with_the_engines_packing(llm, hf_reference, monkeypatch):
+    """The engine checks a prompt of ids and packs it in one go; the scheduler keys its prefix
+    cache with that packing instead of packing the prompt again, and hits as with its own."""
+    from scheduler import request
+
+    def packed_again(token_ids):
+        raise AssertionError("the scheduler packed a prompt that the engine had packed")
+
+    ids = llm.tokenizer.encode(PROMPTS[4], add_special_tokens=False)
+    monkeypatch.setattr(request, "pack_token_ids", packed_again)
+    first, again = (llm.generate(ids, greedy(), use_tqdm=False)[0] for _ in range(2))
+    assert again.metrics.num_cached_tokens > 0
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids == hf_reference[4]
+    check_no_leaks(llm)
+
+
 def test_n_siblings_share_prompt_and_match_greedy(llm, hf_reference):
     outs = llm.generate(PROMPTS[3:5], greedy(n=3), use_tqdm=False)
     for out, ref in zip(outs, hf_reference[3:5]):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from scheduler.errors import InvalidRequestError
-from scheduler.token_ids import check_token_ids
+from scheduler.request import pack_token_ids
+from scheduler.token_ids import check_and_pack_token_ids, check_token_ids
 
 
 def test_ids_in_range_come_back_as_plain_ints():
@@ -15,8 +16,16 @@ def test_ids_in_range_come_back_as_plain_ints():
 
 @pytest.mark.parametrize("bad", [[-1], [10], [1, 2, 10**9], [1.5], ["a"], [2**70], [None], b"\x01\x02", [[1, 2]], 7])
 def test_bad_ids_name_the_field_and_the_range(bad):
-    with pytest.raises(InvalidRequestError, match=r"prompt_token_ids: .*\[0, 10\)"):
-        check_token_ids(bad, 10)
+    for check in (check_token_ids, check_and_pack_token_ids):
+        with pytest.raises(InvalidRequestError, match=r"prompt_token_ids: .*\[0, 10\)"):
+            check(bad, 10)
+
+
+@pytest.mark.parametrize("ids", [[], [0], (np.int64(3), 0, 9), list(range(151935, 151935 - 2052, -1)), np.array([4, 5])])
+def test_the_packing_is_the_prefix_caches_packing_of_the_same_list(ids):
+    checked, packed = check_and_pack_token_ids(ids, 151936)
+    assert checked == check_token_ids(ids, 151936) and all(type(t) is int for t in checked)
+    assert packed == pack_token_ids(checked)
 
 
 def test_an_id_out_of_range_is_named():
