@@ -42,19 +42,16 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 MAX_QUERY_ROWS = 8
 
 
-def as_decode_rows(inputs: StepInputs, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(seq_lens [T], block_tables [T, blocks], row_groups [T] or None when every row is its own
-    sequence) that make each token of the step its own decode row; group: query heads per kv head.
+def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_lens [T], block_tables [T, blocks]) that make each token of the step its own decode row.
 
     A token at position p attends to its sequence's first p + 1 tokens, its own K/V included:
     every layer writes the whole step's K/V to the cache before its attention reads, so a query's
-    earlier tokens are there for the later ones, as causal attention over the query needs. The
-    rows of one query share decode programs (row_groups.py), which read its context once."""
+    earlier tokens are there for the later ones, as causal attention over the query needs."""
     if len(inputs.input_ids) == len(inputs.req_ids):
-        return inputs.seq_lens, inputs.block_tables, None
-    query_lens = np.diff(inputs.query_start_loc)
-    return ((inputs.positions + 1).astype(np.int32), np.repeat(inputs.block_tables, query_lens, axis=0),
-            query_row_groups(query_lens, group))
+        return inputs.seq_lens, inputs.block_tables
+    return ((inputs.positions + 1).astype(np.int32),
+            np.repeat(inputs.block_tables, np.diff(inputs.query_start_loc), axis=0))
 
 
 class DecodeGraphs:
@@ -130,16 +127,18 @@ class DecodeGraphs:
         """hidden states [T, H] of the step's tokens, one row each; fill(input_ids) as ModelRunner._forward."""
         n = len(inputs.input_ids)
         bs = next(s for s in self.sizes if s >= n)
-        seq_lens, block_tables, row_groups = as_decode_rows(inputs, self.group)
-        self.query_row_steps += row_groups is not None
+        seq_lens, block_tables = as_decode_rows(inputs)
+        has_query = n > len(inputs.req_ids)
+        self.query_row_steps += has_query
         packed = self.inputs[bs]
         # padding rows: token 0 at position 0 (valid indices), no KV written and none read
         arrays = {"input_ids": (inputs.input_ids, 0), "positions": (inputs.positions, 0),
                   "slot_mapping": (inputs.slot_mapping, -1), "seq_lens": (seq_lens, 0),
                   "block_tables": (block_tables, None)}
-        query_rows = row_groups is not None and bs in self.query_graphs
-        if query_rows:
-            arrays["row_groups"] = (row_groups, 1)  # a padding row is a program of its own
+        # a query's rows share decode programs (row_groups.py), which read its context once
+        query_rows = has_query and bs in self.query_graphs
+        if query_rows:  # a padding row is a program of its own
+            arrays["row_groups"] = (query_row_groups(np.diff(inputs.query_start_loc), self.group), 1)
         packed.put(self.staging, arrays, live_rows=n)
         if fill is not None:
             fill(packed.views["input_ids"])

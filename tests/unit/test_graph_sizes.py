@@ -42,7 +42,8 @@ def _inputs(context_lens: list[int], query_lens: list[int], tables: list[list[in
 def test_decode_rows_give_each_query_token_its_causal_context_and_its_sequences_blocks():
     # a decode, a prefix-cache hit of 3 new tokens over 32 cached, and a 2-token chunk of a fresh prompt
     step = _inputs([9, 32, 0], [1, 3, 2], [[5], [7, 8, 9], [4]])
-    seq_lens, tables, row_groups = as_decode_rows(step, group=2)
+    seq_lens, tables = as_decode_rows(step)
+    row_groups = query_row_groups(np.diff(step.query_start_loc), group=2)
     assert seq_lens.tolist() == [10, 33, 34, 35, 1, 2]
     assert tables.tolist() == [[5, 0, 0], [7, 8, 9], [7, 8, 9], [7, 8, 9], [4, 0, 0], [4, 0, 0]]
     # each query's rows go to the program of its first row; the decode row has its own
@@ -52,8 +53,8 @@ def test_decode_rows_give_each_query_token_its_causal_context_and_its_sequences_
 
 def test_a_decode_only_step_keeps_its_rows():
     step = _inputs([9, 40], [1, 1], [[5], [6, 7, 8]])
-    seq_lens, tables, row_groups = as_decode_rows(step, group=2)
-    assert seq_lens is step.seq_lens and tables is step.block_tables and row_groups is None
+    seq_lens, tables = as_decode_rows(step)
+    assert seq_lens is step.seq_lens and tables is step.block_tables
     assert MAX_QUERY_ROWS >= 4, "a prefix-cache hit's few new tokens should fit the decode graphs"
 
 
