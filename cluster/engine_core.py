@@ -6,7 +6,7 @@ executors. One iteration = one forward pass on every replica, all replicas stepp
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from scheduler.errors import EngineDeadError, InvalidRequestError
 from scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
@@ -120,16 +120,22 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return any(r.scheduler.has_unfinished_requests() or r.inflight for r in self.replicas)
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, while_waiting: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
         """Submit the next step of every live replica, then collect each one's oldest step.
 
         Replicas that overlap steps keep one step in flight while the previous one is collected,
         so scheduling and output handling hide behind the device; all replicas step concurrently.
+        Between the two, while the device runs, come the host chores that no step waits for: the
+        released KV blocks go back to each free pool, then while_waiting() (the caller's own).
         """
         if not any(r.live for r in self.replicas):
             raise EngineDeadError("no replica is live")
         for replica in self.replicas:
             self._submit_ahead(replica)
+        for replica in self.replicas:
+            replica.scheduler.return_released_blocks()
+        if while_waiting is not None:
+            while_waiting()
         outputs: list[EngineCoreOutput] = []
         for replica in self.replicas:
             if not replica.inflight:

@@ -13,6 +13,12 @@ chained hash's would be; they wait in the LRU pool for their own eviction.
 When its last reference goes, a cached block stays findable in an LRU pool until it is reused;
 reuse takes never-cached blocks first, then the least recently freed cached one. Every call costs
 O(blocks touched): it is on the step path.
+
+A finished sequence's blocks are released (release) and reach the pool later (return_released):
+the engine returns them while the device runs its next step, so a request's last token does not
+wait for ~130 reference counts of a 2k-token prompt (a warm prefix hit gives back every block of
+its prompt). Until then they keep their references, so a hit on them takes them as any held block,
+and the first allocation the pool cannot serve without them returns them at once.
 """
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
@@ -36,12 +42,15 @@ class BlockManager:
         self._next_node = 1
         self.free_uncached: deque[int] = deque(range(num_blocks))
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        self._released: list[list[int]] = []  # block tables released and not yet returned, oldest first
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
 
     # ---- state ----------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no sequence references (released ones are returned to the pool first)."""
+        self.return_released()
         return len(self.free_uncached) + len(self.free_cached)
 
     @property
@@ -137,9 +146,14 @@ class BlockManager:
         """Could seq hold num_tokens tokens in total, after taking computed_blocks from the cache?"""
         num_new = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(computed_blocks)
         # a cached block nobody references sits in the free pool: taking it uses up a free block
-        num_revived = (list(map(self.ref_counts.__getitem__, computed_blocks)).count(0)
-                       if computed_blocks else 0)
-        return max(num_new, 0) + num_revived <= self.num_free_blocks
+        while True:
+            num_revived = (list(map(self.ref_counts.__getitem__, computed_blocks)).count(0)
+                           if computed_blocks else 0)
+            if max(num_new, 0) + num_revived <= len(self.free_uncached) + len(self.free_cached):
+                return True
+            if not self._released:
+                return False
+            self.return_released()  # then count again: a returned block may be one of computed_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int, computed_blocks: list[int] | None = None) -> list[int]:
         """Grow seq's block table to hold num_tokens; return the block ids appended.
@@ -176,18 +190,34 @@ class BlockManager:
         child.block_nodes = parent.block_nodes[:num_blocks]
 
     def free(self, seq: Sequence) -> None:
-        # Tail first, so a prefix's head is the most recently freed and the last evicted:
-        # evicting the head would make the rest of the chain unreachable anyway.
-        ref_counts, block_key = self.ref_counts, self.block_key  # bound: ~130 blocks a 2k-token prompt
-        for block_id in reversed(seq.block_ids):
-            ref_counts[block_id] -= 1
-            if ref_counts[block_id] == 0:
-                if block_key[block_id] is None:
-                    self.free_uncached.append(block_id)
-                else:
-                    self.free_cached[block_id] = None
+        """Drop seq's references now."""
+        self.release(seq)
+        self.return_released()
+
+    def release(self, seq: Sequence) -> None:
+        """Take seq's blocks from it; their references go at the next return_released()."""
+        if seq.block_ids:
+            self._released.append(seq.block_ids)
         seq.block_ids = []
         seq.block_nodes = []
+
+    def return_released(self) -> None:
+        """Drop the references of every table released so far, in release order."""
+        if not self._released:
+            return
+        released, self._released = self._released, []
+        ref_counts, block_key = self.ref_counts, self.block_key  # bound: ~130 blocks a 2k-token prompt
+        free_uncached, free_cached = self.free_uncached, self.free_cached
+        for block_ids in released:
+            # Tail first, so a prefix's head is the most recently freed and the last evicted:
+            # evicting the head would make the rest of the chain unreachable anyway.
+            for block_id in reversed(block_ids):
+                ref_counts[block_id] -= 1
+                if ref_counts[block_id] == 0:
+                    if block_key[block_id] is None:
+                        free_uncached.append(block_id)
+                    else:
+                        free_cached[block_id] = None
 
     def _take(self, block_ids: list[int]) -> None:
         """One more reference to each block; a block nobody referenced leaves the free pool."""
@@ -198,6 +228,8 @@ class BlockManager:
             ref_counts[block_id] += 1
 
     def _pop_free(self) -> int:
+        if not self.free_uncached and not self.free_cached:
+            self.return_released()
         if self.free_uncached:
             return self.free_uncached.popleft()
         block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently freed
@@ -208,6 +240,7 @@ class BlockManager:
     # ---- checks ---------------------------------------------------------------------------
     def check_no_leaks(self) -> None:
         """Raise AssertionError naming every block still referenced; tests end with this."""
+        self.return_released()
         leaked = {b: r for b, r in enumerate(self.ref_counts) if r != 0}
         assert not leaked, f"{len(leaked)} KV blocks still referenced (block id: ref count): {leaked}"
         pool = set(self.free_uncached) | set(self.free_cached)

@@ -162,6 +162,11 @@ class Scheduler:
         self.requests, self.seqs, self._scheduled = {}, {}, {}
         return drained
 
+    def return_released_blocks(self) -> None:
+        """Give the blocks of finished and preempted sequences back to the free pool. The engine
+        calls this while the device runs a step; an allocation that needs them does it itself."""
+        self.block_manager.return_released()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -384,6 +389,6 @@ class Scheduler:
             self.finished_seq_ids.append(seq.seq_id)  # the replica holds state for it
         if status is not seq.status:
             seq.status = status
-        self.block_manager.free(seq)
+        self.block_manager.release(seq)  # the pool gets them back at return_released_blocks
         seq.num_computed_tokens = 0
         seq.num_pending = 0  # samples still in flight for it are dropped by update_from_output

@@ -219,6 +219,9 @@ def run_overlapped(scheduler: Scheduler, runner: FakeModelRunner | None = None, 
             inflight.append((step, runner.execute_model(step)))
         if not inflight:
             return results
+        # as EngineCore.step does while the device runs (run_to_completion leaves every released
+        # block to the allocations that need it)
+        scheduler.return_released_blocks()
         step, output = inflight.pop(0)
         collect(results, scheduler.update_from_output(step, output))
         if on_step is not None:

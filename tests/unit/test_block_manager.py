@@ -260,8 +260,63 @@ def test_check_no_leaks_names_blocks():
     bm.check_no_leaks()
 
 
+def test_released_blocks_keep_their_references_until_returned():
+    bm = BlockManager(8, BS)
+    a = make_seq(range(100, 109), "a")
+    admit(bm, a)
+    held = list(a.block_ids)
+    bm.release(a)
+    assert a.block_ids == [] and a.block_nodes == []
+    assert [bm.ref_counts[b] for b in held] == [1, 1, 1]  # not back in the pool yet
+    assert len(bm.free_uncached) + len(bm.free_cached) == 5
+    b = make_seq(range(100, 110), "b")
+    assert admit(bm, b) == held[:2]  # a hit takes them as any held block
+    assert [bm.ref_counts[x] for x in held] == [2, 2, 1]
+    bm.return_released()
+    assert [bm.ref_counts[x] for x in held] == [1, 1, 0] and held[2] in bm.free_uncached
+    bm.release(b)
+    bm.check_no_leaks()  # returns what is still released first
+
+
+def test_release_then_return_frees_in_the_order_free_would():
+    now, later = BlockManager(8, BS), BlockManager(8, BS)
+    for bm in (now, later):
+        seqs = [make_seq(range(100 * k, 100 * k + 9), f"s{k}") for k in (1, 2)]
+        for seq in seqs:
+            admit(bm, seq)
+        for seq in seqs:
+            bm.free(seq) if bm is now else bm.release(seq)
+    later.return_released()
+    assert list(later.free_cached) == list(now.free_cached)
+    assert list(later.free_uncached) == list(now.free_uncached)
+
+
+def test_an_allocation_short_of_blocks_returns_the_released_ones():
+    bm = BlockManager(3, BS)
+    a, b = make_seq(range(12), "a"), make_seq(range(100, 112), "b")
+    admit(bm, a)
+    bm.release(a)
+    assert bm.can_allocate(b, 12)  # needs all 3: the released ones come back first
+    assert bm.allocate(b, 12, []) and sorted(b.block_ids) == [0, 1, 2]
+    bm.release(b)
+    c = make_seq(range(200, 204), "c")
+    assert len(bm.allocate(c, 4, [])) == 1  # without can_allocate: the empty pool returns them too
+    assert sum(bm.ref_counts) == 1 and len(bm.free_uncached) + len(bm.free_cached) == 2
+    bm.free(c)
+    bm.check_no_leaks()
+
+
+def test_num_free_blocks_counts_released_blocks_once_returned():
+    bm = BlockManager(8, BS)
+    a = make_seq(range(9), "a")
+    admit(bm, a)
+    bm.release(a)
+    assert bm.num_free_blocks == 8 and bm.usage == 0.0
+    bm.check_no_leaks()
+
+
 @settings(max_examples=50, deadline=None, database=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "grow", "fork", "free"]), st.integers(0, 30),
+@given(st.lists(st.tuples(st.sampled_from(["add", "grow", "fork", "free", "release", "return"]), st.integers(0, 30),
                           st.integers(0, 2)), max_size=40),
        st.booleans())
 def test_random_operations_keep_invariants(ops, caching):
@@ -292,9 +347,13 @@ def test_random_operations_keep_invariants(ops, caching):
             live.append(child)
         elif live and op == "free":
             bm.free(live.pop(x % len(live)))
-        held = [b for seq in live for b in seq.block_ids]
+        elif live and op == "release":
+            bm.release(live.pop(x % len(live)))
+        elif op == "return":
+            bm.return_released()
+        held = [b for seq in live for b in seq.block_ids] + [b for table in bm._released for b in table]
         assert sum(bm.ref_counts) == len(held)
-        assert bm.num_free_blocks + len(set(held)) == bm.num_blocks
+        assert len(bm.free_uncached) + len(bm.free_cached) + len(set(held)) == bm.num_blocks
         for seq in live:  # a hit never points at a block that was reused for other tokens
             hits = bm.get_computed_blocks(make_seq(seq.prompt_token_ids, "probe"))
             assert all(bm.block_key[b] is not None for b in hits)
