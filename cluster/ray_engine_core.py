@@ -13,6 +13,7 @@ import asyncio
 import queue
 import threading
 from collections import deque
+from typing import Callable
 
 from cluster.config import EngineConfig
 from scheduler.output import EngineCoreOutput
@@ -95,14 +96,20 @@ class RayEngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._open)
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, while_waiting: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
+        """The next outputs of each open request, at most one step's each; while_waiting() runs
+        once before this blocks for them (EngineCore.step's)."""
         batch: dict[str, list[EngineCoreOutput]] = {}
         error = None
         while True:
             if not self._held:
                 if not self._open:
                     break
-                items = self._next(block=not batch and error is None)
+                block = not batch and error is None
+                if block and while_waiting is not None:
+                    while_waiting()
+                    while_waiting = None
+                items = self._next(block=block)
                 if items is None:
                     break
                 self._held.extend(items)

@@ -133,6 +133,26 @@ def test_token_id_prompts_reach_the_prefix_cache_with_the_engines_packing(llm, h
     check_no_leaks(llm)
 
 
+def test_request_outputs_are_built_while_the_first_step_runs(llm, hf_reference, monkeypatch):
+    """A request's RequestOutput and detokenizer are not needed to launch its first step: the
+    engine builds them after the launch, before it waits for the step's tokens."""
+    from workers.model_runner import StepHandle
+
+    engine, built_at_collect = llm.engine, []
+    result = StepHandle.result
+    monkeypatch.setattr(StepHandle, "result", lambda self: built_at_collect.append(
+        all(t.processor is not None for t in engine._tracked.values())) or result(self))
+    request_ids = engine.add_requests(PROMPTS[1:3], [greedy(), greedy(n=2)])
+    assert all(engine._tracked[r].processor is None for r in request_ids)
+    outputs = llm._run(request_ids, use_tqdm=False)
+    assert built_at_collect and all(built_at_collect)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_reference[1:3]
+    assert [o.prompt_token_ids for o in outputs] == [llm.tokenizer.encode(p, add_special_tokens=False)
+                                                     for p in PROMPTS[1:3]]
+    assert outputs[0].outputs[0].text == llm.tokenizer.decode(hf_reference[1]) and len(outputs[1].outputs) == 2
+    check_no_leaks(llm)
+
+
 def test_n_siblings_share_prompt_and_match_greedy(llm, hf_reference):
     outs = llm.generate(PROMPTS[3:5], greedy(n=3), use_tqdm=False)
     for out, ref in zip(outs, hf_reference[3:5]):
