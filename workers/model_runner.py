@@ -175,11 +175,11 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs, fill)
             if len(inputs.logits_indices) < len(hidden):  # rows of a query, or a 1-token chunk that doesn't sample
-                hidden = hidden[self._to_device(inputs.logits_indices)]
+                hidden = self._sampled_rows(hidden, inputs.logits_indices)
             return self.model.compute_logits(hidden)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(inputs):
             hidden = self.prefill_graphs.run(inputs, fill)
-            return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
+            return self.model.compute_logits(self._sampled_rows(hidden, inputs.logits_indices))
         to_dev = self._to_device
         metadata = AttentionMetadata(
             slot_mapping=to_dev(inputs.slot_mapping),
@@ -195,7 +195,19 @@ class ModelRunner:
         if fill is not None:
             fill(input_ids)
         hidden = self.model(input_ids, to_dev(inputs.positions), self.kv_caches, metadata)
-        return self.model.compute_logits(hidden[to_dev(inputs.logits_indices)])
+        return self.model.compute_logits(self._sampled_rows(hidden, inputs.logits_indices))
+
+    def _sampled_rows(self, hidden: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """hidden's rows at indices, the last token of each sequence that samples, in step order
+        (so increasing): a slice where they are consecutive (a prompt's or a prefix hit's last
+        row, a decode batch), which spares the device an index copy and a gather before the
+        lm_head; a gather otherwise (several queries, or a chunk that does not sample)."""
+        n = len(indices)
+        if n:
+            first = int(indices[0])
+            if int(indices[-1]) - first == n - 1:
+                return hidden[first:first + n]
+        return hidden[self._to_device(indices)]
 
     def _sample(self, logits: torch.Tensor, states) -> tuple[torch.Tensor, list]:
         """Token ids [N] still on the device, and logprobs lists (None where not asked)."""
