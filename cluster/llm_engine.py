@@ -14,7 +14,7 @@ from cluster.output_processor import RequestDelta, RequestOutputProcessor
 from cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
-from scheduler.token_ids import check_and_pack_token_ids
+from scheduler.token_ids import check_and_pack_token_ids, unpack_token_ids
 from workers.gc_freeze import freeze_startup_objects
 from workers.tokenizer import load_tokenizer
 from workers.worker import Worker
@@ -36,14 +36,16 @@ def build_local_worker(config: EngineConfig, model: ResolvedModel) -> Worker:
 class _Tracked:
     """A request's RequestOutput and its RequestOutputProcessor, made by build(): neither is needed
     to launch the request's first step, so the engine builds them while the device runs it (a
-    2k-token prompt's detokenizer and output objects were ~30 us of a warm prefix hit's host time
-    before its launch, CPU machine), or at its first output at the latest."""
+    2k-token prompt's detokenizer, output objects and plain-int prompt ids were ~80 us of a warm
+    prefix hit's host time before its launch, H200 host), or at its first output at the latest."""
 
-    __slots__ = ("request_id", "prompt", "token_ids", "params", "arrival_time", "output", "processor")
+    __slots__ = ("request_id", "prompt", "token_ids", "packed", "params", "arrival_time", "output",
+                 "processor")
 
-    def __init__(self, request_id: str, prompt: str | list[int], token_ids: list[int], params: SamplingParams,
-                 arrival_time: float):
-        self.request_id, self.prompt, self.token_ids = request_id, prompt, token_ids
+    def __init__(self, request_id: str, prompt: str | list[int], token_ids: list[int], packed: bytes | None,
+                 params: SamplingParams, arrival_time: float):
+        """token_ids and packed as LLMEngine._tokenize gives them."""
+        self.request_id, self.prompt, self.token_ids, self.packed = request_id, prompt, token_ids, packed
         self.params, self.arrival_time = params, arrival_time
         self.output: RequestOutput | None = None
         self.processor: RequestOutputProcessor | None = None
@@ -51,12 +53,14 @@ class _Tracked:
     def build(self, tokenizer) -> "_Tracked":
         if self.processor is None:
             params = self.params
+            # ids the caller gave are shown back as plain ints, whatever integer type came in
+            token_ids = self.token_ids if self.packed is None else unpack_token_ids(self.packed)
             completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
                                             [] if params.logprobs is not None else None) for i in range(params.n)]
             prompt = self.prompt if isinstance(self.prompt, str) else None
-            self.output = RequestOutput(self.request_id, prompt, self.token_ids, completions, False,
+            self.output = RequestOutput(self.request_id, prompt, token_ids, completions, False,
                                         RequestMetrics(self.arrival_time))
-            self.processor = RequestOutputProcessor(self.request_id, self.token_ids, params, tokenizer,
+            self.processor = RequestOutputProcessor(self.request_id, token_ids, params, tokenizer,
                                                     defer_text=True)
         return self
 
@@ -96,11 +100,14 @@ class LLMEngine:
             self.core.shutdown()
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        return self._tokenize(prompt)[0]
+        """The prompt's ids as plain ints (ids given are checked)."""
+        token_ids, packed = self._tokenize(prompt)
+        return token_ids if packed is None else unpack_token_ids(packed)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], bytes | None]:
         """The prompt's ids, and for ids given by the caller their packing (the scheduler's prefix
-        cache keys) from the same check."""
+        cache keys) from the same check; such a list holds the caller's own integer objects
+        (check_and_pack_token_ids), made plain ints only where shown back (_Tracked.build)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False), None
         return check_and_pack_token_ids(prompt, self.vocab_size)
@@ -122,8 +129,8 @@ class LLMEngine:
             token_ids, packed = self._tokenize(prompt)
             batch.append((request_id, token_ids, params, priority, now, packed))
         self.core.add_requests(batch)
-        for (request_id, token_ids, params, *_), prompt in zip(batch, prompts):
-            self._tracked[request_id] = tracked = _Tracked(request_id, prompt, token_ids, params, now)
+        for (request_id, token_ids, params, _, _, packed), prompt in zip(batch, prompts):
+            self._tracked[request_id] = tracked = _Tracked(request_id, prompt, token_ids, packed, params, now)
             self._unbuilt.append(tracked)
         return [r[0] for r in batch]
 

@@ -3,7 +3,7 @@ import pytest
 
 from scheduler.errors import InvalidRequestError
 from scheduler.request import pack_token_ids
-from scheduler.token_ids import check_and_pack_token_ids, check_token_ids
+from scheduler.token_ids import check_and_pack_token_ids, check_token_ids, unpack_token_ids
 
 
 def test_ids_in_range_come_back_as_plain_ints():
@@ -24,8 +24,10 @@ def test_bad_ids_name_the_field_and_the_range(bad):
 @pytest.mark.parametrize("ids", [[], [0], (np.int64(3), 0, 9), list(range(151935, 151935 - 2052, -1)), np.array([4, 5])])
 def test_the_packing_is_the_prefix_caches_packing_of_the_same_list(ids):
     checked, packed = check_and_pack_token_ids(ids, 151936)
-    assert checked == check_token_ids(ids, 151936) and all(type(t) is int for t in checked)
+    assert checked == check_token_ids(ids, 151936) == list(ids)  # the caller's objects, by value
     assert packed == pack_token_ids(checked)
+    plain = unpack_token_ids(packed)
+    assert plain == checked and all(type(t) is int for t in plain)
 
 
 def test_an_id_out_of_range_is_named():
