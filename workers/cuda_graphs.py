@@ -50,8 +50,7 @@ def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
     earlier tokens are there for the later ones, as causal attention over the query needs."""
     if len(inputs.input_ids) == len(inputs.req_ids):
         return inputs.seq_lens, inputs.block_tables
-    return ((inputs.positions + 1).astype(np.int32),
-            np.repeat(inputs.block_tables, np.diff(inputs.query_start_loc), axis=0))
+    return ((inputs.positions + 1).astype(np.int32), np.repeat(inputs.block_tables, inputs.query_lens, axis=0))
 
 
 class DecodeGraphs:
@@ -121,7 +120,7 @@ class DecodeGraphs:
     def can_run(self, inputs: StepInputs) -> bool:
         num_tokens, num_seqs = len(inputs.input_ids), len(inputs.req_ids)
         return (num_tokens <= self.sizes[-1] and inputs.block_tables.shape[1] <= self.max_blocks
-                and (num_tokens == num_seqs or int(np.diff(inputs.query_start_loc).max()) <= MAX_QUERY_ROWS))
+                and (num_tokens == num_seqs or max(inputs.query_lens) <= MAX_QUERY_ROWS))
 
     def run(self, inputs: StepInputs, fill=None) -> torch.Tensor:
         """hidden states [T, H] of the step's tokens, one row each; fill(input_ids) as ModelRunner._forward."""
@@ -138,7 +137,7 @@ class DecodeGraphs:
         # a query's rows share decode programs (row_groups.py), which read its context once
         query_rows = has_query and bs in self.query_graphs
         if query_rows:  # a padding row is a program of its own
-            arrays["row_groups"] = (query_row_groups(np.diff(inputs.query_start_loc), self.group), 1)
+            arrays["row_groups"] = (query_row_groups(inputs.query_lens, self.group), 1)
         packed.put(self.staging, arrays, live_rows=n)
         if fill is not None:
             fill(packed.views["input_ids"])

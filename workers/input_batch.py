@@ -62,6 +62,9 @@ class StepInputs:
     # input tokens still on the device: (index into input_ids, req_id) of tokens sampled by the
     # step in flight, which the runner copies in on the device (placeholders 0 in input_ids)
     pending_inputs: list[tuple[int, str]]
+    # [S] each sequence's tokens this step (query_start_loc's differences) as Python ints: the
+    # graphs' checks and layouts read them for a few rows, where numpy's fixed cost dominates
+    query_lens: list[int]
 
 
 # steps of at most this many tokens compute positions and slots per token in Python, where the
@@ -143,4 +146,4 @@ class InputBatch:
             slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         return StepInputs(req_ids, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                           block_tables, np.asarray(logits_indices, dtype=np.int64), sampling_req_ids,
-                          pending_inputs)
+                          pending_inputs, list(counts.values()))

@@ -54,7 +54,7 @@ def make_step(rng: np.random.Generator, context_lens: list[int], query_lens: lis
     return StepInputs(req_ids, rng.integers(0, 151643, num_tokens).astype(np.int64),
                       np.concatenate(positions).astype(np.int64), np.concatenate(slots).astype(np.int64),
                       query_start_loc, (np.asarray(context_lens) + np.asarray(query_lens)).astype(np.int32),
-                      block_tables, (query_start_loc[1:] - 1).astype(np.int64), req_ids, [])
+                      block_tables, (query_start_loc[1:] - 1).astype(np.int64), req_ids, [], list(query_lens))
 
 
 def make_staging(max_tokens: int, max_seqs: int) -> PinnedStaging:

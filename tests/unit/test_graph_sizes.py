@@ -36,7 +36,7 @@ def _inputs(context_lens: list[int], query_lens: list[int], tables: list[list[in
     n = int(qsl[-1])
     return StepInputs(req_ids, np.arange(n, dtype=np.int64), positions, np.zeros(n, dtype=np.int64), qsl,
                       (np.asarray(context_lens) + np.asarray(query_lens)).astype(np.int32), block_tables,
-                      (qsl[1:] - 1).astype(np.int64), req_ids, [])
+                      (qsl[1:] - 1).astype(np.int64), req_ids, [], list(query_lens))
 
 
 def test_decode_rows_give_each_query_token_its_causal_context_and_its_sequences_blocks():

@@ -46,6 +46,9 @@ def test_few_token_and_vectorised_paths_lay_out_the_same_step(seed, monkeypatch)
                  "logits_indices"):
         a, b = getattr(few, name), getattr(vectorised, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
+    for inputs in (few, vectorised):  # the query lengths as ints, what query_start_loc spaces out
+        assert inputs.query_lens == np.diff(inputs.query_start_loc).tolist() == list(step.num_scheduled_tokens.values())
+        assert all(type(n) is int for n in inputs.query_lens)
     # and what both say: each token's position follows its sequence's computed tokens, and its
     # slot is that position's place in the sequence's blocks
     row = 0

@@ -8,6 +8,8 @@ row groups one program takes up to 8 such rows and reads each K/V tile once for 
 
 Host-side numpy only: the CPU engine imports this without Triton.
 """
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -21,15 +23,16 @@ def rows_per_program(group: int) -> int:
     return max(1, decode_tile_rows(group) // group)
 
 
-def query_row_groups(query_lens: np.ndarray, group: int) -> np.ndarray:
+def query_row_groups(query_lens: Sequence[int], group: int) -> np.ndarray:
     """The kernel's row_groups for rows laid out as each sequence's query tokens in order
     (query_lens[i] rows for sequence i): each query in chunks of rows_per_program(group) rows,
-    the chunk's first row holding its length and the others 0. A 1-token query holds 1."""
+    the chunk's first row holding its length and the others 0. A 1-token query holds 1.
+    Built as a list: a step with a query has at most a few rows here (cuda_graphs.MAX_QUERY_ROWS)."""
     cap = rows_per_program(group)
-    groups = np.zeros(int(query_lens.sum()), dtype=np.int32)
-    row = 0
-    for n in query_lens.tolist():
+    groups = []
+    for n in query_lens:
         for lead in range(0, n, cap):
-            groups[row + lead] = min(cap, n - lead)
-        row += n
-    return groups
+            rows = min(cap, n - lead)
+            groups.append(rows)
+            groups.extend([0] * (rows - 1))
+    return np.array(groups, dtype=np.int32)
