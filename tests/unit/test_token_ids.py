@@ -35,3 +35,15 @@ def test_an_id_out_of_range_is_named():
         check_token_ids([3, 12, 4], 10, field="token_ids")
     with pytest.raises(InvalidRequestError, match=r"got -2$"):
         check_token_ids([3, -2, 40], 10)
+
+
+@pytest.mark.parametrize("numpy_from", [0, 10**9])
+def test_both_range_checks_refuse_the_same_ids(numpy_from, monkeypatch):
+    """Short prompts take builtin max, long ones numpy's: the same ids pass and fail either way."""
+    from scheduler import token_ids
+
+    monkeypatch.setattr(token_ids, "NUMPY_MAX_FROM", numpy_from)
+    assert check_and_pack_token_ids([0, 9, 3], 10)[0] == [0, 9, 3]
+    for bad, named in (([3, 10, 4], "got 10$"), ([3, 2**31, 4], "got 2147483648$"), ([5, -1], "got -1$")):
+        with pytest.raises(InvalidRequestError, match=named):
+            check_and_pack_token_ids(bad, 10)
