@@ -80,7 +80,7 @@ class PackedInputs:
                 host[:n] = array
             else:
                 host[(slice(0, n), *(slice(0, m) for m in array.shape[1:]))] = array
-            if fill is not None:
+            if fill is not None and n < len(host):  # a full field: no numpy call for nothing
                 host[n:] = fill
         dst = self._copy_dst.get(live_rows)
         if dst is None:
