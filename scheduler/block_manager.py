@@ -16,9 +16,9 @@ O(blocks touched): it is on the step path.
 
 A finished sequence's blocks are released (release) and reach the pool later (return_released):
 the engine returns them while the device runs its next step, so a request's last token does not
-wait for ~130 reference counts of a 2k-token prompt (a warm prefix hit gives back every block of
-its prompt). Until then they keep their references, so a hit on them takes them as any held block,
-and the first allocation the pool cannot serve without them returns them at once.
+wait for the ~130 reference counts of a 2k-token prompt. Until then they keep their references,
+so a prefix hit on them takes them as it takes any held block, and the first allocation the pool
+cannot serve without them returns them at once.
 """
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
