@@ -41,9 +41,10 @@ class Worker:
         (a compiled graph executes on its own thread). Torch ops follow their tensors' device, but
         Triton launches on the current one: a tensor-parallel rank whose GPU is not index 0 died
         with "Pointer argument cannot be accessed from Triton" on its first bf16 step. Every entry
-        point that touches the device calls this (cheap when the device is already current)."""
+        point that touches the device calls this (cheap when the device is already current; an
+        index skips set_device's parsing of a torch.device, a step's launch calls this too)."""
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index)
 
     def load_model(self) -> None:
         self._bind_thread()
