@@ -50,7 +50,8 @@ def as_decode_rows(inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
     earlier tokens are there for the later ones, as causal attention over the query needs."""
     if len(inputs.input_ids) == len(inputs.req_ids):
         return inputs.seq_lens, inputs.block_tables
-    return ((inputs.positions + 1).astype(np.int32), np.repeat(inputs.block_tables, inputs.query_lens, axis=0))
+    # one numpy call each: on a prefix hit's path every call costs ~5-10 us in place (H200 host)
+    return (np.add(inputs.positions, 1, dtype=np.int32), inputs.block_tables.repeat(inputs.query_lens, axis=0))
 
 
 class DecodeGraphs:
