@@ -13,6 +13,10 @@ out as warm-up):
   sample0 / sample1     the sampler's launch
   wait0 / tokens        waiting for the device, and the tokens back on the host
   total     generate returned (the outputs applied)
+With --host-detail, more of the host's path, each stamped on entry (0) and exit (1) of its first
+call in the request: the token-id check, scheduling and its prefix-cache walk, the batch update and
+input preparation, the decode graphs' row layouts and staging copy, the output objects built while
+the device runs (build), and after the tokens the scheduler's update and the outputs applied.
 Then the graphs the requests replayed (the warm hit's decode rows, the cold prompt's prefill, and
 a batch-1 decode) are replayed alone after a sync: the host's launch time, and the device's span
 between events around it; with --kernels, also each graph's kernels by name (count, us each).
@@ -43,9 +47,28 @@ def _stamped(fn, before: str, after: str, once: bool = False):
     return wrapper
 
 
+def _host_detail() -> list[tuple]:
+    """(owner, attribute, stamp name) of --host-detail: classes' methods and modules' functions,
+    each looked up where its caller finds it."""
+    from cluster import llm_engine
+    from scheduler.block_manager import BlockManager
+    from scheduler.scheduler import Scheduler
+    from workers import cuda_graphs
+    from workers.input_batch import InputBatch
+    from workers.pinned_staging import PinnedStaging
+
+    return [(llm_engine, "check_and_pack_token_ids", "check"), (Scheduler, "schedule", "schedule"),
+            (BlockManager, "get_computed_blocks", "trie"), (InputBatch, "update", "update"),
+            (InputBatch, "prepare", "prepare"), (cuda_graphs, "as_decode_rows", "decode_rows"),
+            (cuda_graphs, "query_row_groups", "row_groups"), (PinnedStaging, "copy_region", "copy"),
+            (llm_engine.LLMEngine, "_build_tracked", "build"), (Scheduler, "update_from_output", "update_output"),
+            (llm_engine.LLMEngine, "_apply", "apply")]
+
+
 @contextlib.contextmanager
-def _stamping():
-    """The worker's step methods stamp _STAMPS while inside; the originals come back after."""
+def _stamping(host_detail: bool = False):
+    """The worker's step methods (and with host_detail, _host_detail's) stamp _STAMPS while
+    inside; the originals come back after."""
     wrapped = [(mr.ModelRunner, "launch", "launch0", "launch1", False),
                (mr.ModelRunner, "_forward", "forward0", "forward1", False),
                (mr.ModelRunner, "_sample", "sample0", "sample1", False),
@@ -53,6 +76,8 @@ def _stamping():
                (torch.cuda.CUDAGraph, "replay", "replay0", "replay1", False),
                # result() is called again once collected: the first call is the wait
                (mr.StepHandle, "result", "wait0", "tokens", True)]
+    if host_detail:
+        wrapped += [(owner, name, f"{stamp}0", f"{stamp}1", True) for owner, name, stamp in _host_detail()]
     originals = [(cls, name, getattr(cls, name)) for cls, name, *_ in wrapped]
     for cls, name, before, after, once in wrapped:
         setattr(cls, name, _stamped(getattr(cls, name), before, after, once))
@@ -105,6 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kernels", action="store_true", help="also each probed graph's kernels (torch.profiler)")
+    p.add_argument("--host-detail", action="store_true", help="also stamp the host's path function by function")
     args = p.parse_args(argv)
 
     from cluster.llm import LLM
@@ -114,7 +140,7 @@ def main(argv=None) -> None:
               max_num_batched_tokens=16384, enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     samples = {"cold": [], "warm": []}
-    with _stamping():
+    with _stamping(args.host_detail):
         for k in range(args.requests):
             prefix = [(17 * j + 13 * k) % 9000 + 1 for j in range(args.prefix_len)]
             for name, suffix in (("cold", [11, 12, 13, 14]), ("warm", [21, 22, 23, 24])):
