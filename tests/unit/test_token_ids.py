@@ -44,6 +44,17 @@ def test_both_range_checks_refuse_the_same_ids(numpy_from, monkeypatch):
 
     monkeypatch.setattr(token_ids, "NUMPY_MAX_FROM", numpy_from)
     assert check_and_pack_token_ids([0, 9, 3], 10)[0] == [0, 9, 3]
+
+    class Index:  # an integer only through __index__: it packs but does not compare
+        def __init__(self, value):
+            self.value = value
+
+        def __index__(self):
+            return self.value
+
+    assert check_token_ids([Index(4), 2], 10) == [4, 2]
+    with pytest.raises(InvalidRequestError, match="got 12$"):
+        check_and_pack_token_ids([Index(12), 2], 10)
     for bad, named in (([3, 10, 4], "got 10$"), ([3, 2**31, 4], "got 2147483648$"), ([5, -1], "got -1$")):
         with pytest.raises(InvalidRequestError, match=named):
             check_and_pack_token_ids(bad, 10)
