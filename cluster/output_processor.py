@@ -184,13 +184,16 @@ async def stream_request(engine: EngineClientProtocol, request_id: str, prompt_t
     aborted in the engine, so its blocks are freed: close the generator (contextlib.aclosing)
     rather than leaving that to garbage collection.
     """
-    processor = RequestOutputProcessor(request_id, prompt_token_ids, sampling_params, tokenizer)
     try:
         stream = await open_output_stream(engine, request_id, prompt_token_ids, sampling_params, priority)
     except asyncio.CancelledError:  # the caller left while the engine was admitting the request
         await asyncio.shield(engine.abort(request_id))
         raise
+    processor = None
     try:
+        # made once the request is in the engine, which schedules it meanwhile: the detokenizer's
+        # start (a decode of the prompt's tail) is no part of the request's way in
+        processor = RequestOutputProcessor(request_id, prompt_token_ids, sampling_params, tokenizer)
         async for outputs in stream:
             deltas, stops = processor.process(outputs)
             for stop in stops:
@@ -203,7 +206,7 @@ async def stream_request(engine: EngineClientProtocol, request_id: str, prompt_t
         if tail:
             yield tail
     finally:
-        if not processor.finished:
+        if processor is None or not processor.finished:
             await asyncio.shield(engine.abort(request_id))
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
