@@ -1,5 +1,6 @@
 """Greedy output of the whole in-process engine equals HuggingFace transformers' Qwen3, and stays
 equal under every scheduling feature: prefix caching, chunked prefill, preemption, batching, n > 1."""
+import numpy as np
 import pytest
 import torch
 
@@ -201,8 +202,6 @@ def test_prompt_forms_and_order(llm, hf_reference):
     assert token_ids(outs) == [hf_reference[1], hf_reference[2]]
     assert outs[0].prompt_token_ids == ids and outs[1].prompt == PROMPTS[2]
     # ids of other integer types run as their values and come back as plain ints
-    import numpy as np
-
     out = llm.generate([list(np.array(ids, dtype=np.int64))], greedy(), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_reference[1]
     assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
