@@ -19,8 +19,9 @@ def check_token_ids(token_ids, vocab_size: int, field: str = "prompt_token_ids")
 
 def check_and_pack_token_ids(token_ids, vocab_size: int,
                              field: str = "prompt_token_ids") -> tuple[list, bytes]:
-    """(the ids as a new list, the same ids as native int32 bytes), or InvalidRequestError unless
-    each is an integer in [0, vocab_size).
+    """(the ids as a list, the same ids as native int32 bytes), or InvalidRequestError unless each
+    is an integer in [0, vocab_size). A list given is returned as it is, not copied: the
+    scheduler's Request copies the prompt it keeps.
 
     The bytes are request.pack_token_ids' form, the prefix cache's keys, so the scheduler need
     not pack the prompt again. The list holds the caller's own objects: an integer of another
@@ -37,7 +38,7 @@ def check_and_pack_token_ids(token_ids, vocab_size: int,
     try:
         if isinstance(token_ids, (str, bytes, bytearray, memoryview)):  # text, not ids
             raise TypeError(type(token_ids).__name__)
-        ids = list(token_ids)
+        ids = token_ids if type(token_ids) is list else list(token_ids)
         # unsigned int32: a negative id fails here, and every vocabulary's ids fit
         packed = struct.pack(f"{len(ids)}I", *ids)
     except (TypeError, struct.error):
