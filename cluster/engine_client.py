@@ -9,6 +9,9 @@ restarted it (a new incarnation); requests made after that work again.
 
 A consumer of many requests at once (the offline LLM) can take them through one sink instead of
 a stream each: add_request_to_sink, and every poll's outputs reach the sink in one call.
+
+The two calls go over the actor's direct link (cluster/engine_link.py) where it can connect, a Ray
+hop shorter each way; otherwise, and with FOLOVLLM_ENGINE_LINK=0, through Ray.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import AsyncIterator, Callable
 import ray
 from ray.exceptions import RayActorError
 
+from cluster.engine_link import EngineLink, EngineLinkError, link_enabled
 from cluster.engine_types import EngineStatus, ModelInfo
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from scheduler.output import EngineCoreOutput, unpack_outputs
@@ -29,11 +33,21 @@ from scheduler.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 5.0
+POLL_GRACE_S = 10.0  # a long poll over the link unanswered this long past its timeout: the link is dead
 _DONE = object()
+# what a dead (or restarting) scheduler actor looks like to a frontend, on either path
+ENGINE_LOST_ERRORS = (RayActorError, EngineLinkError)
 
 # A sink gets [(request_id, item), ...] in order, item being a list of outputs, None when the
 # request ended, or the EngineDeadError that ended it. It is called on the client's event loop.
 Sink = Callable[[list[tuple[str, object]]], None]
+
+
+def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _raise_reply(reply) -> None:
@@ -76,6 +90,9 @@ class EngineClient:
         self._incarnation: str | None = None
         self._last_step_no = 0  # the last step of outputs received (acknowledged by the next poll)
         self._closed = False
+        self._use_link = link_enabled()  # until the link turns out unreachable
+        self._link: EngineLink | None = None
+        self._linking: asyncio.Future | None = None  # the connect in progress, shared by callers
 
     @classmethod
     async def connect(cls, engine_id: str | None = None, *, name: str | None = None,
@@ -157,6 +174,11 @@ class EngineClient:
         """Stop polling; streams still open end with EngineDeadError."""
         self._closed = True
         self._fail_streams(EngineDeadError("the engine client was closed"))
+        if self._link is not None:  # on its own loop: close() may come from another thread
+            if self._loop is not None and self._loop.is_running() and not _running_on(self._loop):
+                self._loop.call_soon_threadsafe(self._link.close)
+            else:
+                self._link.close()
         for task in (self._poll_task, self._flush_task):
             if task is not None and not task.done() and task.get_loop().is_running():
                 task.get_loop().call_soon_threadsafe(task.cancel)
@@ -164,6 +186,11 @@ class EngineClient:
     @property
     def num_open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def uses_link(self) -> bool:
+        """Whether calls go over the direct link (connected, not broken) rather than through Ray."""
+        return self._use_link and self._link is not None and not self._link.broken
 
     # ---- sending, batched ------------------------------------------------------------------------
 
@@ -176,6 +203,7 @@ class EngineClient:
             self._fail_streams(EngineDeadError("the engine client moved to another event loop"))
             self._loop, self._pending = loop, []
             self._flush_task = None
+            self._link = self._linking = None  # the old loop's connection goes with it
             self._poll_task = loop.create_task(self._poll())
             for request_id in orphans:  # nobody can read them any more: free their blocks
                 loop.create_task(self._send_quietly(("abort", request_id)))
@@ -201,12 +229,19 @@ class EngineClient:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                incarnation, replies = await self.actor.submit.remote(self.frontend_id, [op for op, _ in batch])
-            except RayActorError as e:
+                incarnation, replies = await self._call("submit", self.frontend_id, [op for op, _ in batch])
+            except ENGINE_LOST_ERRORS as e:
+                lost = "is unreachable" if isinstance(e, EngineLinkError) else "died"
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(EngineDeadError(f"the engine's scheduler actor died: {e}"))
+                        future.set_exception(EngineDeadError(f"the engine's scheduler actor {lost}: {e}"))
+                if isinstance(e, EngineLinkError):  # the actor may live and have added them: free them
+                    for op, _ in batch:
+                        if op[0] == "add":
+                            self._loop.create_task(self._send_quietly(("abort", op[1])))
                 continue
+            except GeneratorExit:  # destroyed pending with its closed loop: nobody is left to tell
+                raise
             except BaseException as e:  # noqa: BLE001 - e.g. cancelled: fail the callers, never hang them
                 for _, future in batch:
                     if not future.done():
@@ -216,13 +251,50 @@ class EngineClient:
                 if not future.done():
                     future.set_result((incarnation, reply))
 
+    async def _call(self, method: str, *args):
+        """The actor's method (submit or get_outputs) over the link, or through Ray without one."""
+        link = await self._connected_link() if self._use_link else None
+        if link is not None:
+            timeout = self.poll_timeout_s + POLL_GRACE_S if method == "get_outputs" else None
+            return await link.call(method, *args, timeout=timeout)
+        return await getattr(self.actor, method).remote(*args)
+
+    async def _connected_link(self) -> EngineLink | None:
+        if self._link is not None and not self._link.broken:
+            return self._link
+        if self._linking is None or self._linking.done():
+            self._linking = asyncio.ensure_future(self._connect_link())
+        return await asyncio.shield(self._linking)
+
+    async def _connect_link(self) -> EngineLink | None:
+        """A new link to this incarnation (its address comes through Ray, so an actor that is down
+        raises RayActorError here); None, from now on, where the actor offers none or it cannot be
+        reached."""
+        address = await self.actor.link_address.remote()
+        if address is None:
+            self._use_link = False
+            return None
+        host, port, token = address
+        try:
+            self._link = await EngineLink.connect(host, port, token)
+        except EngineLinkError as e:
+            logger.warning("%s; calling the engine through Ray instead", e)
+            self._use_link = False
+            return None
+        return self._link
+
     # ---- receiving ---------------------------------------------------------------------------------
 
     async def _poll(self) -> None:
         while not self._closed:
             try:
-                incarnation, steps = await self.actor.get_outputs.remote(
-                    self.frontend_id, self._incarnation, self._last_step_no, self.poll_timeout_s)
+                incarnation, steps = await self._call(
+                    "get_outputs", self.frontend_id, self._incarnation, self._last_step_no, self.poll_timeout_s)
+            except EngineLinkError:
+                # the next poll connects again and gets every step not yet acknowledged; if the
+                # actor died, asking it for the new link's address raises RayActorError
+                await asyncio.sleep(0.01)
+                continue
             except RayActorError as e:
                 self._fail_streams(EngineDeadError(f"the engine's scheduler actor died: {e}"))
                 await asyncio.sleep(0.5)  # it may be restarting

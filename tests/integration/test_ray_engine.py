@@ -79,6 +79,7 @@ async def generate_all(client, prefix: str) -> list[list[int]]:
 
 def test_dp2_greedy_matches_in_process(dp_engine, reference):
     assert asyncio.run(generate_all(dp_engine, "dp")) == reference
+    assert dp_engine.uses_link, "the frontend's calls went through Ray, not over the direct link"
     status = asyncio.run(dp_engine.status())
     assert [r.live for r in status.replicas] == [True, True]
     assert status.making_progress and status.any_live
@@ -271,6 +272,7 @@ def test_scheduler_actor_restart_ends_streams_then_serves_again(tp_engine, refer
                 assert time.monotonic() < deadline, "the scheduler actor did not come back"
                 await asyncio.sleep(0.5)
     assert asyncio.run(run()) == reference[0]
+    assert tp_engine.uses_link  # connected again, to the new incarnation's link
 
 
 def test_offline_llm_with_data_parallel_runs_on_ray(tiny_model_dir, reference):

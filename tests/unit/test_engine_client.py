@@ -1,5 +1,8 @@
-"""EngineClient against a fake SchedulerActor (no Ray cluster): batching, routing, endings, failures."""
+"""EngineClient against a fake SchedulerActor (no Ray cluster): batching, routing, endings, failures,
+each through Ray's calls and through the direct link (cluster/engine_link.py) on loopback."""
 import asyncio
+import threading
+import types
 from collections import deque
 
 import pytest
@@ -7,6 +10,7 @@ import pytest
 pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError  # noqa: E402
 
+from cluster import engine_link  # noqa: E402
 from cluster.engine_client import EngineClient  # noqa: E402
 from cluster.engine_types import ModelInfo  # noqa: E402
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError  # noqa: E402
@@ -14,6 +18,15 @@ from scheduler.output import EngineCoreOutput, pack_outputs  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 
 INFO = ModelInfo("fake", 128, 1000, [2])
+
+
+class _LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+
+ACTOR_LOOP = _LoopThread()  # the fake actor's link servers run here, apart from the clients' loops
 
 
 class _Method:
@@ -25,7 +38,11 @@ class _Method:
 
 
 class FakeActor:
-    """The SchedulerActor's submit / get_outputs protocol, with steps pushed by the test."""
+    """The SchedulerActor's submit / get_outputs protocol, with steps pushed by the test; with
+    link=True it offers them over a LinkServer too, as the real actor does."""
+
+    link = False  # set per test by the `link` fixture
+    instances: list = []
 
     def __init__(self):
         self.incarnation = "one"
@@ -34,8 +51,41 @@ class FakeActor:
         self.steps: deque = deque()
         self.step_no = 0
         self.dead = False
-        self.submit = _Method(self._submit)
-        self.get_outputs = _Method(self._get_outputs)
+        self.ray_calls = 0  # submit and get_outputs calls that came through "Ray"
+        self.submit = _Method(self._through_ray(self._submit))
+        self.get_outputs = _Method(self._through_ray(self._get_outputs))
+        self.link_address = _Method(self._link_address)
+        self.server: engine_link.LinkServer | None = None
+        FakeActor.instances.append(self)
+
+    def _through_ray(self, method):
+        def call(*args):
+            self.ray_calls += 1
+            return method(*args)
+        return call
+
+    async def _link_address(self):
+        if self.dead:
+            raise ActorDiedError()
+        if not self.link:
+            return None
+        if self.server is None:  # on the actor's own loop, as in the real actor's process
+            self.server = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._start_server(),
+                                                                                     ACTOR_LOOP.loop))
+        return self.server.host, self.server.port, self.server.token
+
+    async def _start_server(self):
+        # what the link serves: the methods themselves, not Ray's handles
+        server = engine_link.LinkServer(types.SimpleNamespace(submit=self._submit, get_outputs=self._get_outputs),
+                                        "127.0.0.1")
+        await server.start()
+        return server
+
+    def drop_connections(self) -> None:
+        """The link server goes away with every connection (its next address is a new one)."""
+        if self.server is not None:
+            ACTOR_LOOP.loop.call_soon_threadsafe(self.server.close)
+            self.server = None
 
     def push(self, *outputs: EngineCoreOutput) -> None:
         self.step_no += 1
@@ -43,6 +93,7 @@ class FakeActor:
 
     def die(self) -> None:
         self.dead = True
+        self.drop_connections()  # the process is gone, and its connections with it
 
     def restart(self) -> None:
         self.dead, self.incarnation, self.steps, self.step_no = False, "two", deque(), 0
@@ -63,6 +114,16 @@ class FakeActor:
             if self.steps:
                 return self.incarnation, list(self.steps)
             await asyncio.sleep(0.002)
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["ray", "link"])
+def link(request, monkeypatch):
+    """Every test runs with the actor's calls through Ray, then over the link."""
+    monkeypatch.setattr(FakeActor, "link", request.param)
+    monkeypatch.setattr(FakeActor, "instances", [])
+    yield request.param
+    if request.param:
+        assert sum(a.ray_calls for a in FakeActor.instances) == 0, "a call went through Ray beside the link"
 
 
 def out(req_id, index=0, tokens=(5,), finish=None):
@@ -179,5 +240,43 @@ def test_actor_death_ends_streams_with_engine_dead_and_restart_serves_again():
         b = await client.add_request("b", [1], SamplingParams())
         actor.push(out("b", finish="stop"))
         assert await drain(b) == [[(0, [5], "stop")]]
+        client.close()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("link", [True], indirect=True)
+def test_an_unreachable_link_falls_back_to_ray(link):
+    async def run():
+        actor = FakeActor()
+        closed = engine_link.LinkServer(None, "127.0.0.1")
+        await closed.start()
+        closed.close()  # nothing listens on its port any more
+
+        async def unreachable():
+            return closed.host, closed.port, closed.token
+        actor.link_address = _Method(unreachable)
+        client = EngineClient(actor, INFO)
+        a = await client.add_request("a", [1], SamplingParams())
+        actor.push(out("a", finish="stop"))
+        assert await drain(a) == [[(0, [5], "stop")]]
+        assert actor.ray_calls >= 2  # the submit and a poll
+        FakeActor.instances.remove(actor)  # its Ray calls are the point here
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("link", [True], indirect=True)
+def test_a_broken_link_reconnects_and_loses_no_step(link):
+    async def run():
+        actor = FakeActor()
+        client = EngineClient(actor, INFO)
+        a = await client.add_request("a", [1], SamplingParams())
+        actor.push(out("a"))
+        assert (await a.__anext__())[0].new_token_ids == [5]
+        first_port = actor.server.port
+        actor.drop_connections()  # the actor lives on
+        actor.push(out("a", tokens=(6,)))
+        actor.push(out("a", tokens=(7,), finish="stop"))
+        assert await drain(a) == [[(0, [6], None)], [(0, [7], "stop")]]
+        assert actor.server is not None and actor.server.port != first_port  # connected anew
         client.close()
     asyncio.run(run())
