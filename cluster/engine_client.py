@@ -270,15 +270,16 @@ class EngineClient:
         """A new link to this incarnation (its address comes through Ray, so an actor that is down
         raises RayActorError here); None, from now on, where the actor offers none or it cannot be
         reached."""
-        address = await self.actor.link_address.remote()
-        if address is None:
-            self._use_link = False
-            return None
-        host, port, token = address
         try:
-            self._link = await EngineLink.connect(host, port, token)
-        except EngineLinkError as e:
-            logger.warning("%s; calling the engine through Ray instead", e)
+            address = await self.actor.link_address.remote()
+            if address is None:
+                self._use_link = False
+                return None
+            self._link = await EngineLink.connect(*address)
+        except RayActorError:
+            raise
+        except Exception as e:  # noqa: BLE001 - no link (an older actor, a port out of reach): Ray still works
+            logger.warning("no link to the engine (%s); calling it through Ray instead", e)
             self._use_link = False
             return None
         return self._link

@@ -159,18 +159,24 @@ class SchedulerActor:
 
     async def link_address(self) -> tuple[str, int, bytes] | None:
         """(host, port, token) of this incarnation's direct link for submit and get_outputs
-        (cluster/engine_link.py), started on first use; None with FOLOVLLM_ENGINE_LINK=0."""
+        (cluster/engine_link.py), started on first use; None with FOLOVLLM_ENGINE_LINK=0 or where
+        it cannot listen (frontends then call through Ray)."""
         self._attach_loop()
         if not link_enabled():
             return None
         if self._link is None:
             self._link = asyncio.ensure_future(self._start_link())
         server = await asyncio.shield(self._link)
-        return server.host, server.port, server.token
+        return None if server is None else (server.host, server.port, server.token)
 
-    async def _start_link(self) -> LinkServer:
+    async def _start_link(self) -> LinkServer | None:
         server = LinkServer(self, ray.util.get_node_ip_address())
-        await server.start()
+        try:
+            await server.start()
+        except OSError:
+            logger.warning("cannot listen for the engine link on %s; frontends call through Ray", server.host,
+                           exc_info=True)
+            return None
         return server
 
     async def status(self) -> EngineStatus:
@@ -182,8 +188,9 @@ class SchedulerActor:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        if self._link is not None and self._link.done() and self._link.exception() is None:
-            self._link.result().close()
+        link = self._link
+        if link is not None and link.done() and not link.cancelled() and link.exception() is None and link.result():
+            link.result().close()
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
         for replica in self.core.replicas:

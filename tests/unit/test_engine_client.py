@@ -245,21 +245,24 @@ def test_actor_death_ends_streams_with_engine_dead_and_restart_serves_again():
 
 
 @pytest.mark.parametrize("link", [True], indirect=True)
-def test_an_unreachable_link_falls_back_to_ray(link):
+@pytest.mark.parametrize("failure", ["nothing listens", "the actor cannot tell"])
+def test_a_link_that_cannot_open_falls_back_to_ray(link, failure):
     async def run():
         actor = FakeActor()
         closed = engine_link.LinkServer(None, "127.0.0.1")
         await closed.start()
         closed.close()  # nothing listens on its port any more
 
-        async def unreachable():
+        async def address():
+            if failure == "the actor cannot tell":  # the method fails (a RayTaskError), the actor lives
+                raise RuntimeError("cannot listen")
             return closed.host, closed.port, closed.token
-        actor.link_address = _Method(unreachable)
+        actor.link_address = _Method(address)
         client = EngineClient(actor, INFO)
         a = await client.add_request("a", [1], SamplingParams())
         actor.push(out("a", finish="stop"))
         assert await drain(a) == [[(0, [5], "stop")]]
-        assert actor.ray_calls >= 2  # the submit and a poll
+        assert actor.ray_calls >= 2 and not client.uses_link  # the submit and a poll went through Ray
         FakeActor.instances.remove(actor)  # its Ray calls are the point here
     asyncio.run(run())
 

@@ -1,0 +1,98 @@
+"""The engine link on loopback (no Ray): token check, method whitelist, concurrent calls, timeouts."""
+import asyncio
+
+import pytest
+
+from cluster.engine_link import TOKEN_BYTES, EngineLink, EngineLinkError, LinkServer
+
+
+class Target:
+    """The two methods a LinkServer serves, recording their calls."""
+
+    def __init__(self):
+        self.calls = []
+        self.release = asyncio.Event()
+
+    async def submit(self, frontend_id, ops):
+        self.calls.append(("submit", frontend_id, ops))
+        return "inc", [None] * len(ops)
+
+    async def get_outputs(self, frontend_id, incarnation, after, timeout_s):
+        self.calls.append(("get_outputs", frontend_id, after))
+        await asyncio.wait_for(self.release.wait(), timeout_s)
+        return "inc", [(after + 1, b"packed")]
+
+    async def shutdown(self):  # an actor method the link must not expose
+        self.calls.append(("shutdown",))
+
+
+async def _served():
+    target = Target()
+    server = LinkServer(target, "127.0.0.1")
+    await server.start()
+    return target, server
+
+
+def test_calls_in_flight_get_their_own_replies():
+    async def run():
+        target, server = await _served()
+        link = await EngineLink.connect(server.host, server.port, server.token)
+        poll = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 3, 5.0))
+        assert await link.call("submit", "fe", [("add", "a")]) == ("inc", [None])  # past the waiting poll
+        assert not poll.done()
+        target.release.set()
+        assert await poll == ("inc", [(4, b"packed")])
+        link.close()
+        server.close()
+    asyncio.run(run())
+
+
+def test_only_the_frontend_methods_are_served():
+    async def run():
+        target, server = await _served()
+        link = await EngineLink.connect(server.host, server.port, server.token)
+        with pytest.raises(RuntimeError, match="unknown link method 'shutdown'; allowed: submit, get_outputs"):
+            await link.call("shutdown")
+        assert await link.call("submit", "fe", []) == ("inc", [])  # the link goes on
+        assert target.calls == [("submit", "fe", [])]
+        link.close()
+        server.close()
+    asyncio.run(run())
+
+
+def test_a_wrong_token_is_cut_off_before_anything_is_read():
+    async def run():
+        target, server = await _served()
+        link = await EngineLink.connect(server.host, server.port, b"x" * TOKEN_BYTES)
+        with pytest.raises(EngineLinkError):
+            await link.call("submit", "fe", [("add", "a")], timeout=5.0)
+        assert target.calls == [] and link.broken
+        server.close()
+    asyncio.run(run())
+
+
+def test_a_call_unanswered_past_its_timeout_breaks_the_link():
+    async def run():
+        target, server = await _served()
+        link = await EngineLink.connect(server.host, server.port, server.token)
+        other = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 0, 30.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineLinkError, match="no reply to get_outputs in 0.1 s"):
+            await link.call("get_outputs", "fe", "inc", 0, 30.0, timeout=0.1)
+        with pytest.raises(EngineLinkError):  # every call on the link fails with it
+            await other
+        assert link.broken
+        server.close()
+    asyncio.run(run())
+
+
+def test_a_closed_server_fails_the_calls_waiting_on_it():
+    async def run():
+        target, server = await _served()
+        link = await EngineLink.connect(server.host, server.port, server.token)
+        poll = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 0, 30.0))
+        await asyncio.sleep(0.05)
+        server.close()  # the actor's process is gone
+        with pytest.raises(EngineLinkError, match="broke"):
+            await poll
+    asyncio.run(run())
