@@ -38,7 +38,7 @@ from cluster.llm_engine import build_scheduler
 from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
 from scheduler.errors import InvalidRequestError, QueueFullError
 from scheduler.output import EngineCoreOutput, pack_outputs
-from scheduler.token_ids import check_token_ids
+from scheduler.token_ids import check_and_pack_token_ids
 from workers.gc_freeze import freeze_startup_objects
 from workers.worker_actor import WorkerActor
 
@@ -121,11 +121,11 @@ class SchedulerActor:
         futures = []
         for op in ops:
             future = Future()
-            early = self._check_add(op) if op[0] == "add" else None
+            early, packed = self._check_add(op) if op[0] == "add" else (None, None)
             if early is not None:
                 future.set_result(early)
             else:
-                self._ops.put((self._apply_op, frontend_id, op, future))
+                self._ops.put((self._apply_op, frontend_id, op, future, packed))
             futures.append(future)
         self._wake.set()
         return self.incarnation, list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
@@ -252,16 +252,18 @@ class SchedulerActor:
             fe = self._frontends[frontend_id] = _Frontend()
         return fe
 
-    def _check_add(self, op: tuple):
-        """Checks the scheduler does not make: token ids inside the vocabulary (a bad id would kill the step)."""
+    def _check_add(self, op: tuple) -> tuple:
+        """Checks the scheduler does not make: token ids inside the vocabulary (a bad id would kill
+        the step). (error_reply, None), or (None, the prompt packed as the scheduler keeps it), which
+        the step thread hands on rather than packing the prompt a second time."""
         _, _, prompt, params, _ = op
         vocab = self.model_info.vocab_size
         try:
-            check_token_ids(prompt, vocab)
+            _, packed = check_and_pack_token_ids(prompt, vocab)
             params.check_vocab(vocab)
         except InvalidRequestError as e:
-            return error_reply(e)
-        return None
+            return error_reply(e), None
+        return None, packed
 
     def _deliver(self, by_frontend: dict[str, tuple]) -> None:
         """Event loop: queue each frontend's step outputs (packed columns) for its next poll."""
@@ -334,14 +336,14 @@ class SchedulerActor:
             fn(*args)
             applied = True
 
-    def _apply_op(self, frontend_id: str, op: tuple, future: Future) -> None:
+    def _apply_op(self, frontend_id: str, op: tuple, future: Future, packed_prompt: bytes | None = None) -> None:
         kind, req_id = op[0], op[1]
         reply = None
         try:
             if kind == "add":
                 if not self.core.has_unfinished():
                     self._last_progress = time.monotonic()  # idle until now: the stall clock starts here
-                self.core.add_request(req_id, op[2], op[3], op[4])
+                self.core.add_request(req_id, op[2], op[3], op[4], packed_prompt=packed_prompt)
                 self._routes[req_id] = frontend_id
             elif kind not in ("abort", "finish"):
                 raise InvalidRequestError("op", f"unknown operation {kind!r}")
