@@ -14,8 +14,9 @@ random token, which a frontend gets from the actor over Ray (link_address()): no
 from a peer that has not shown it, so the link trusts no one Ray would not.
 
 A frontend that cannot connect (another node behind a firewall, FOLOVLLM_ENGINE_LINK=0) keeps
-calling the actor through Ray. A link that breaks fails its calls with EngineLinkError, which
-EngineClient treats as it treats the actor's death; its next call connects again.
+calling the actor through Ray. A link that breaks fails its calls with EngineLinkError; the
+frontend's next call connects again, asking Ray for the address, so an actor that died shows up
+as it does on the Ray path (RayActorError).
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class LinkServer:
                 task.add_done_callback(calls.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the frontend went away: its requests are aborted once it stops polling
+        except Exception:  # noqa: BLE001 - a frame that does not unpickle or unpack: drop the connection
+            logger.warning("engine link: a malformed frame; closing the connection", exc_info=True)
         finally:
             for task in calls:  # a long poll would otherwise wait out its timeout for nobody
                 task.cancel()
@@ -175,7 +178,7 @@ class EngineLink:
             # connection open, so that what is sent meanwhile (an abort of a stream closed with
             # the loop) still reaches the actor, as a Ray call would
             raise
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - closed, reset, or a frame that does not unpickle
             self._fail(EngineLinkError(f"the link to the engine broke: {e!r}"))
 
     def _fail(self, error: EngineLinkError) -> None:

@@ -96,3 +96,16 @@ def test_a_closed_server_fails_the_calls_waiting_on_it():
         with pytest.raises(EngineLinkError, match="broke"):
             await poll
     asyncio.run(run())
+
+
+def test_a_malformed_frame_drops_its_connection_only():
+    async def run():
+        target, server = await _served()
+        good = await EngineLink.connect(server.host, server.port, server.token)
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(server.token + (5).to_bytes(4, "big") + b"junk!")  # authenticated, not a pickle
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # the server hung up
+        assert await good.call("submit", "fe", []) == ("inc", [])
+        good.close()
+        server.close()
+    asyncio.run(run())
