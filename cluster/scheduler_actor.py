@@ -99,7 +99,8 @@ class SchedulerActor:
         self._frontends: dict[str, _Frontend] = {}  # event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._liveness_task: asyncio.Task | None = None
-        self._link: asyncio.Future | None = None  # starting or started LinkServer (event loop)
+        self._link: asyncio.Future | None = None  # the LinkServer's start, once asked for (event loop)
+        self._link_server: LinkServer | None = None  # once listening
         self._thread = threading.Thread(target=self._run, name="folovllm-step", daemon=True)
         freeze_startup_objects()  # Ray's and the replicas' start-up state: see workers/gc_freeze.py
         self._thread.start()
@@ -177,6 +178,7 @@ class SchedulerActor:
             logger.warning("cannot listen for the engine link on %s; frontends call through Ray", server.host,
                            exc_info=True)
             return None
+        self._link_server = server
         return server
 
     async def status(self) -> EngineStatus:
@@ -188,9 +190,8 @@ class SchedulerActor:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        link = self._link
-        if link is not None and link.done() and not link.cancelled() and link.exception() is None and link.result():
-            link.result().close()
+        if self._link_server is not None:
+            self._link_server.close()
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
         for replica in self.core.replicas:
