@@ -27,7 +27,7 @@ from protos.folovllm.v1 import llm_pb2 as pb
 from protos.folovllm.v1 import llm_pb2_grpc as pb_grpc
 from scheduler.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from scheduler.sampling_params import SamplingParams
-from scheduler.token_ids import check_token_ids
+from scheduler.token_ids import check_and_pack_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ class LLMServicer(pb_grpc.LLMServiceServicer):
                 self._idle.set()
 
     def _check_token_ids(self, ids: list[int], field: str) -> None:
-        check_token_ids(ids, self._engine.model_info.vocab_size, field)
+        # the check alone: the packing it makes on the way is the scheduler actor's to make
+        check_and_pack_token_ids(ids, self._engine.model_info.vocab_size, field)
 
     def _check_prompt(self, ids: list[int], field: str) -> None:
         if not ids:
