@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_S = 5.0
 POLL_GRACE_S = 10.0  # a long poll over the link unanswered this long past its timeout: the link is dead
 _DONE = object()
-# what a dead (or restarting) scheduler actor looks like to a frontend, on either path
+# a call whose reply is lost: the scheduler actor died or restarts (Ray), or the link to it broke
 ENGINE_LOST_ERRORS = (RayActorError, EngineLinkError)
 
 # A sink gets [(request_id, item), ...] in order, item being a list of outputs, None when the
