@@ -138,3 +138,19 @@ def test_bench_serve_against_a_real_server(server, tmp_path):
             assert 0 <= r[f"p50_{m}_ms"] <= r[f"p90_{m}_ms"] <= r[f"p99_{m}_ms"]
         # each request's ITLs sum to (last token - TTFT) <= (E2EL - TTFT) = TPOT * (output_len - 1)
         assert r["mean_itl_ms"] * r["num_itl"] <= r["mean_tpot_ms"] * num_prompts * (output_len - 1) + 1e-6
+
+
+@pytest.mark.slow
+def test_ttft_paths_against_a_real_server(server):
+    """cluster.benchmarks.ttft_paths grpc: two rows (max_tokens 1 and 16), each over its requests
+    after the warm-up, the server's first token timed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.benchmarks.ttft_paths", "grpc", "--server", server, "--requests", "3",
+         "--warmup", "1", "--prompt-len", "20"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["path"], r["what"], r["requests"], r["prompt_len"]) for r in rows] == [
+        ("grpc", "first of max_tokens=1", 3, 20), ("grpc", "first of max_tokens=16", 3, 20)]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
