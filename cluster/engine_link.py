@@ -11,7 +11,8 @@ EngineClient's semantics (batching, acknowledged steps, incarnations) are those 
     actor -> frontend: (seq, ok, reply)        reply is the method's return value, or its error text
 Each frame is a 4-byte big-endian length and a pickle. The connection opens with the actor's
 random token, which a frontend gets from the actor over Ray (link_address()): nothing is unpickled
-from a peer that has not shown it, so the link trusts no one Ray would not.
+from a peer that has not shown it, so the link trusts no one Ray would not. The actor answers a
+good token with one byte (ACK), so a frontend knows at connect whether the link works.
 
 A frontend that cannot connect (another node behind a firewall, FOLOVLLM_ENGINE_LINK=0) keeps
 calling the actor through Ray. A link that breaks fails its calls with EngineLinkError; the
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 LINK_METHODS = ("submit", "get_outputs")
 TOKEN_BYTES = 32
+ACK = b"\x01"
 CONNECT_TIMEOUT_S = 2.0
 _LENGTH = struct.Struct("!I")
 
@@ -83,6 +85,7 @@ class LinkServer:
         try:
             if not hmac.compare_digest(await reader.readexactly(TOKEN_BYTES), self.token):
                 return
+            writer.write(ACK)
             while True:
                 seq, method, args = await _read_frame(reader)
                 task = asyncio.create_task(self._call(writer, seq, method, args))
@@ -131,6 +134,12 @@ class EngineLink:
         except (OSError, asyncio.TimeoutError) as e:
             raise EngineLinkError(f"cannot connect to the engine at {host}:{port}: {e!r}") from None
         writer.write(token)
+        try:  # a refused token, or a middlebox that resets the connection, shows here and not mid-call
+            if await asyncio.wait_for(reader.readexactly(len(ACK)), CONNECT_TIMEOUT_S) != ACK:
+                raise ConnectionError("no link acknowledgement")
+        except (OSError, EOFError, asyncio.TimeoutError) as e:
+            writer.close()
+            raise EngineLinkError(f"the engine at {host}:{port} did not accept the link: {e!r}") from None
         return cls(reader, writer)
 
     @property

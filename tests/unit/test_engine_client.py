@@ -245,7 +245,7 @@ def test_actor_death_ends_streams_with_engine_dead_and_restart_serves_again():
 
 
 @pytest.mark.parametrize("link", [True], indirect=True)
-@pytest.mark.parametrize("failure", ["nothing listens", "the actor cannot tell"])
+@pytest.mark.parametrize("failure", ["nothing listens", "the actor cannot tell", "the token is refused"])
 def test_a_link_that_cannot_open_falls_back_to_ray(link, failure):
     async def run():
         actor = FakeActor()
@@ -253,9 +253,14 @@ def test_a_link_that_cannot_open_falls_back_to_ray(link, failure):
         await closed.start()
         closed.close()  # nothing listens on its port any more
 
+        real = actor.link_address.fn
+
         async def address():
             if failure == "the actor cannot tell":  # the method fails (a RayTaskError), the actor lives
                 raise RuntimeError("cannot listen")
+            if failure == "the token is refused":  # a server that listens and closes on the token
+                host, port, token = await real()
+                return host, port, bytes(len(token))
             return closed.host, closed.port, closed.token
         actor.link_address = _Method(address)
         client = EngineClient(actor, INFO)

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from cluster.engine_link import TOKEN_BYTES, EngineLink, EngineLinkError, LinkServer
+from cluster.engine_link import ACK, TOKEN_BYTES, EngineLink, EngineLinkError, LinkServer
 
 
 class Target:
@@ -60,13 +60,15 @@ def test_only_the_frontend_methods_are_served():
     asyncio.run(run())
 
 
-def test_a_wrong_token_is_cut_off_before_anything_is_read():
+def test_a_wrong_token_is_refused_at_connect_before_anything_is_read():
     async def run():
         target, server = await _served()
-        link = await EngineLink.connect(server.host, server.port, b"x" * TOKEN_BYTES)
-        with pytest.raises(EngineLinkError):
-            await link.call("submit", "fe", [("add", "a")], timeout=5.0)
-        assert target.calls == [] and link.broken
+        with pytest.raises(EngineLinkError, match="did not accept the link"):
+            await EngineLink.connect(server.host, server.port, b"x" * TOKEN_BYTES)
+        reader, writer = await asyncio.open_connection(server.host, server.port)  # a frame after a bad token
+        writer.write(b"x" * TOKEN_BYTES + (5).to_bytes(4, "big") + b"junk!")
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # no acknowledgement, hung up
+        assert target.calls == []
         server.close()
     asyncio.run(run())
 
@@ -104,7 +106,7 @@ def test_a_malformed_frame_drops_its_connection_only():
         good = await EngineLink.connect(server.host, server.port, server.token)
         reader, writer = await asyncio.open_connection(server.host, server.port)
         writer.write(server.token + (5).to_bytes(4, "big") + b"junk!")  # authenticated, not a pickle
-        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # the server hung up
+        assert await asyncio.wait_for(reader.read(), 5.0) == ACK  # accepted, then hung up on
         assert await good.call("submit", "fe", []) == ("inc", [])
         good.close()
         server.close()
