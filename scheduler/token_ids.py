@@ -11,12 +11,6 @@ from scheduler.errors import InvalidRequestError
 NUMPY_MAX_FROM = 8192  # ids: longer prompts take numpy's max
 
 
-def check_token_ids(token_ids, vocab_size: int, field: str = "prompt_token_ids") -> list[int]:
-    """The ids as a list of plain ints, or InvalidRequestError unless each is an integer in
-    [0, vocab_size)."""
-    return unpack_token_ids(check_and_pack_token_ids(token_ids, vocab_size, field)[1])
-
-
 def check_and_pack_token_ids(token_ids, vocab_size: int,
                              field: str = "prompt_token_ids") -> tuple[list, bytes]:
     """(the ids as a list, the same ids as native int32 bytes), or InvalidRequestError unless each
