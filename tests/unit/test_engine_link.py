@@ -33,10 +33,15 @@ async def _served():
     return target, server
 
 
+async def _linked():
+    """A served Target and a link to it with the right token."""
+    target, server = await _served()
+    return target, server, await EngineLink.connect(server.host, server.port, server.token)
+
+
 def test_calls_in_flight_get_their_own_replies():
     async def run():
-        target, server = await _served()
-        link = await EngineLink.connect(server.host, server.port, server.token)
+        target, server, link = await _linked()
         poll = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 3, 5.0))
         assert await link.call("submit", "fe", [("add", "a")]) == ("inc", [None])  # past the waiting poll
         assert not poll.done()
@@ -49,8 +54,7 @@ def test_calls_in_flight_get_their_own_replies():
 
 def test_only_the_frontend_methods_are_served():
     async def run():
-        target, server = await _served()
-        link = await EngineLink.connect(server.host, server.port, server.token)
+        target, server, link = await _linked()
         with pytest.raises(RuntimeError, match="unknown link method 'shutdown'; allowed: submit, get_outputs"):
             await link.call("shutdown")
         assert await link.call("submit", "fe", []) == ("inc", [])  # the link goes on
@@ -75,8 +79,7 @@ def test_a_wrong_token_is_refused_at_connect_before_anything_is_read():
 
 def test_a_call_unanswered_past_its_timeout_breaks_the_link():
     async def run():
-        target, server = await _served()
-        link = await EngineLink.connect(server.host, server.port, server.token)
+        target, server, link = await _linked()
         other = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 0, 30.0))
         await asyncio.sleep(0.05)
         with pytest.raises(EngineLinkError, match="no reply to get_outputs in 0.1 s"):
@@ -90,8 +93,7 @@ def test_a_call_unanswered_past_its_timeout_breaks_the_link():
 
 def test_a_closed_server_fails_the_calls_waiting_on_it():
     async def run():
-        target, server = await _served()
-        link = await EngineLink.connect(server.host, server.port, server.token)
+        target, server, link = await _linked()
         poll = asyncio.ensure_future(link.call("get_outputs", "fe", "inc", 0, 30.0))
         await asyncio.sleep(0.05)
         server.close()  # the actor's process is gone
@@ -102,8 +104,7 @@ def test_a_closed_server_fails_the_calls_waiting_on_it():
 
 def test_a_malformed_frame_drops_its_connection_only():
     async def run():
-        target, server = await _served()
-        good = await EngineLink.connect(server.host, server.port, server.token)
+        target, server, good = await _linked()
         reader, writer = await asyncio.open_connection(server.host, server.port)
         writer.write(server.token + (5).to_bytes(4, "big") + b"junk!")  # authenticated, not a pickle
         assert await asyncio.wait_for(reader.read(), 5.0) == ACK  # accepted, then hung up on
