@@ -4,8 +4,9 @@ Two threads share it:
 - the step thread owns the EngineCore. It applies queued frontend operations (add, abort, finish)
   at step boundaries, runs one step on every live replica at once, and hands each step's outputs
   to the event loop. Ray calls block only this thread.
-- the actor's asyncio loop serves frontends (submit, get_outputs, status), pings workers and
-  restarts lost replicas' actors on a thread pool, so it never waits on a step.
+- the actor's asyncio loop serves frontends (submit, get_outputs, status) and pings workers, so
+  it never waits on a step. Lost replicas' actors are started again on a thread pool
+  (cluster/replica_restarter.py).
 
 Outputs are pulled: each frontend keeps one long-poll get_outputs(frontend_id) in flight and gets
 every step's outputs since its last call in one reply. Pushing would need every frontend to be a
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import ray
@@ -34,6 +35,7 @@ from cluster.engine_link import LinkServer, link_enabled
 from cluster.engine_types import EngineStatus, ModelInfo, ReplicaStatus
 from cluster.launcher import (EnginePlan, StartedReplica, plan_engine, remove_stale_placement_groups,
                               start_replica, start_replicas)
+from cluster.replica_restarter import ReplicaRestarter
 from cluster.llm_engine import build_scheduler
 from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
 from scheduler.errors import InvalidRequestError, QueueFullError
@@ -48,7 +50,6 @@ LIVENESS_PERIOD_S = 1.0  # how often idle and busy replicas are pinged
 PING_TIMEOUT_S = 2.0  # a worker this slow to answer a ping (served beside any step) is declared lost
 STALL_AFTER_S = 10.0  # making_progress turns false after this long with work pending and no step
 FRONTEND_TIMEOUT_S = 60.0  # a frontend that stops polling this long has its requests aborted
-RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def error_reply(e: Exception):
@@ -90,9 +91,8 @@ class SchedulerActor:
         self._wake = threading.Event()
         self._stopping = False
         self._routes: dict[str, str] = {}  # request id -> frontend id (step thread)
-        self._restarting: set[int] = set()  # replica ids being restarted (step thread)
-        self._auto_restart = True
-        self._restart_pool = ThreadPoolExecutor(max(1, dp), thread_name_prefix="folovllm-restart")
+        self._restarter = ReplicaRestarter(lambda replica_id: start_replica(self.plan, replica_id),
+                                           self._queue_revive, dp)
         self._preemptions_before_restarts = 0
         self._last_progress = time.monotonic()
         self._status = self._snapshot()  # replaced whole by the step thread: status() reads it lock-free
@@ -190,6 +190,7 @@ class SchedulerActor:
 
     async def shutdown(self) -> None:
         self._stopping = True
+        self._restarter.stop()
         if self._link_server is not None:
             self._link_server.close()
         self._wake.set()
@@ -198,7 +199,6 @@ class SchedulerActor:
             if replica.executor is not None:
                 await asyncio.get_running_loop().run_in_executor(None, replica.executor.shutdown, True)
                 replica.executor = None
-        self._restart_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- test and operator helpers ----------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class SchedulerActor:
 
     async def set_auto_restart(self, enabled: bool) -> None:
         """Operators (and tests): hold lost replicas down, e.g. while a node is being replaced."""
-        self._auto_restart = enabled
+        self._restarter.enabled = enabled
         self._wake.set()
 
     async def check_no_leaks(self) -> None:
@@ -322,7 +322,7 @@ class SchedulerActor:
                     if not self.core.has_unfinished():
                         self._last_progress = time.monotonic()
                     self._status = self._snapshot()
-                self._restart_lost_replicas()
+                self._restarter.restart_lost(self.core.replicas)
         except BaseException:  # noqa: BLE001 - the engine cannot go on; let Ray restart the actor
             logger.exception("the step loop failed; exiting so that Ray restarts the scheduler actor")
             os._exit(1)
@@ -387,26 +387,8 @@ class SchedulerActor:
         if replica.executor is executor:  # else the step path noticed first
             self.core.mark_dead(replica)
 
-    def _restart_lost_replicas(self) -> None:
-        if not self._auto_restart:
-            return
-        for replica in self.core.replicas:
-            if not replica.live and replica.replica_id not in self._restarting:
-                self._restarting.add(replica.replica_id)
-                self._restart_pool.submit(self._restart, replica.replica_id)
-
-    def _restart(self, replica_id: int) -> None:
-        """Restart pool: new placement group and workers, retried with back-off; then revive."""
-        for attempt in range(1_000_000):
-            if self._stopping:
-                return
-            try:
-                started = start_replica(self.plan, replica_id)
-                break
-            except Exception:  # noqa: BLE001 - e.g. the node is gone and no other has room yet
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                logger.exception("replica %d: restart failed; retrying in %.0fs", replica_id, delay)
-                time.sleep(delay)
+    def _queue_revive(self, replica_id: int, started: StartedReplica) -> None:
+        """Restart pool: the replica's new actors are up; the step thread takes them in."""
         self._ops.put((self._revive, replica_id, started))
         self._wake.set()
 
@@ -414,7 +396,7 @@ class SchedulerActor:
         replica = self.core.replicas[replica_id]
         self._preemptions_before_restarts += replica.scheduler.num_preemptions
         self.core.revive(replica, started.executor, self._new_scheduler(started))
-        self._restarting.discard(replica_id)
+        self._restarter.revived(replica_id)
         logger.info("replica %d restarted (%d restarts)", replica_id, replica.restarts)
 
     def _new_scheduler(self, started: StartedReplica):
