@@ -120,13 +120,17 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return any(r.scheduler.has_unfinished_requests() or r.inflight for r in self.replicas)
 
-    def step(self, while_waiting: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
+    def step(self, while_waiting: Callable[[], None] | None = None,
+             before_submit: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
         """Submit the next step of every live replica, then collect each one's oldest step.
 
         Replicas that overlap steps keep one step in flight while the previous one is collected,
         so scheduling and output handling hide behind the device; all replicas step concurrently.
         Between the two, while the device runs, come the host chores that no step waits for: the
         released KV blocks go back to each free pool, then while_waiting() (the caller's own).
+        before_submit() runs after each collected step's outputs are applied and before that
+        replica's next step is scheduled: a caller that queues requests while a step runs adds them
+        there, so that they join that step rather than the one after it.
         """
         if not any(r.live for r in self.replicas):
             raise EngineDeadError("no replica is live")
@@ -148,6 +152,8 @@ class EngineCore:
                 self.mark_dead(replica)
                 continue
             outputs.extend(replica.scheduler.update_from_output(step, result))
+            if before_submit is not None:
+                before_submit()
             # its next step goes out now, not after the other replicas' updates: each replica's
             # device waits on its own host work only
             self._submit_ahead(replica)

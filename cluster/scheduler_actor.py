@@ -311,7 +311,10 @@ class SchedulerActor:
                 if self._apply_ops():
                     self._status = self._snapshot()
                 if any(r.live and (r.scheduler.has_unfinished_requests() or r.inflight) for r in self.core.replicas):
-                    outputs = self.core.step()
+                    # ops queued while the step thread waits on the device join the step it
+                    # submits next, not the one after: with two steps in flight, a decode step
+                    # less before a new request's prefill
+                    outputs = self.core.step(before_submit=self._apply_ops)
                     self._last_progress = time.monotonic()
                     self._status = self._snapshot()  # before the outputs: a finished client sees it
                     self._publish(outputs)
