@@ -20,7 +20,7 @@ from workers.multi_step import MultiStepHandle, split_passes
 from workers.parallel import TensorParallelGroup
 from workers.pinned_staging import PinnedStaging, TokenBuffers, step_input_bytes
 from workers.sampler import Sampler, SamplingTensors
-from workers.weight_loader import load_model, resolve_dtype
+from workers.weight_loader import checkpoint_dtype, load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
-        self.dtype = resolve_dtype(model_config.dtype, device, getattr(hf_config, "torch_dtype", None))
+        self.dtype = resolve_dtype(model_config.dtype, device, checkpoint_dtype(hf_config))
         self.attn_backend = get_attention_backend(attention_backend, device)
         self.batch = InputBatch(cache_config.block_size)
         self.model = None

@@ -34,6 +34,14 @@ def resolve_dtype(dtype: str, device: torch.device | str, config_dtype: torch.dt
     return torch.float16 if config_dtype == torch.float16 else torch.bfloat16
 
 
+def checkpoint_dtype(hf_config) -> torch.dtype | str | None:
+    """The dtype a config.json names. transformers >= 4.56 keeps it as `dtype` and warns on every
+    read of the older `torch_dtype`, which is all that earlier versions have."""
+    if "dtype" in vars(hf_config):
+        return hf_config.dtype
+    return getattr(hf_config, "torch_dtype", None)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()

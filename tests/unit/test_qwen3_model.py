@@ -5,7 +5,7 @@ import torch
 from tests.conftest import PagedSeqs, allocate_kv_caches
 from workers.config import ModelConfig
 from workers.model_configs import BUILTIN_CONFIGS, resolve_model
-from workers.weight_loader import hf_weight_shapes, load_model, resolve_dtype
+from workers.weight_loader import checkpoint_dtype, hf_weight_shapes, load_model, resolve_dtype
 
 ATOL = 1e-4
 BLOCK_SIZE = 4
@@ -173,3 +173,22 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cuda", "float32") == torch.bfloat16
     assert resolve_dtype("auto", "cuda", torch.float16) == torch.float16
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_checkpoint_dtype_reads_dtype_where_transformers_has_it():
+    from types import SimpleNamespace
+
+    from transformers import Qwen3Config
+
+    class Config:  # transformers >= 4.56: dtype, and a torch_dtype that warns on every read
+        def __init__(self):
+            self.dtype = torch.float16
+
+        @property
+        def torch_dtype(self):
+            raise AssertionError("read the deprecated torch_dtype")
+
+    assert checkpoint_dtype(Config()) == torch.float16
+    assert checkpoint_dtype(SimpleNamespace(torch_dtype="float16")) == "float16"  # older transformers
+    config = Qwen3Config.from_dict({**BUILTIN_CONFIGS["Qwen/Qwen3-0.6B"], "torch_dtype": "float16"})
+    assert resolve_dtype("auto", "cuda", checkpoint_dtype(config)) == torch.float16
