@@ -37,8 +37,11 @@ class ReplicaRestarter:
             return
         for replica in replicas:
             if not replica.live and replica.replica_id not in self._restarting:
+                try:
+                    self._pool.submit(self._restart, replica.replica_id)
+                except RuntimeError:  # stop() shut the pool since the check above (another thread)
+                    return
                 self._restarting.add(replica.replica_id)
-                self._pool.submit(self._restart, replica.replica_id)
 
     def revived(self, replica_id: int) -> None:
         """Step thread: the replica is live again; a later loss restarts it again."""

@@ -107,3 +107,7 @@ def test_stop_ends_the_retries_and_releases_a_start_that_finishes_after_it():
     assert time.monotonic() - t0 < WAIT_S
     assert not started.replicas  # not handed on to a stopped actor,
     assert [r.executor.shut_down for r in starts.made] == [True]  # and its actors released
+    slow.restart_lost([lost(1)])  # the step thread may still ask once after stop: nothing starts
+    slow._stopped.clear()  # as if it had checked just before stop() shut the pool
+    slow.restart_lost([lost(2)])  # the shut pool refuses the start; the step thread carries on
+    assert starts.calls == {0: 1}
