@@ -7,7 +7,6 @@ for the step thread: the EngineCore is touched only there.
 """
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 

@@ -35,9 +35,9 @@ from cluster.engine_link import LinkServer, link_enabled
 from cluster.engine_types import EngineStatus, ModelInfo, ReplicaStatus
 from cluster.launcher import (EnginePlan, StartedReplica, plan_engine, remove_stale_placement_groups,
                               start_replica, start_replicas)
-from cluster.replica_restarter import ReplicaRestarter
 from cluster.llm_engine import build_scheduler
 from cluster.ray_executor import WORKER_LOST_ERRORS, RayExecutor
+from cluster.replica_restarter import ReplicaRestarter
 from scheduler.errors import InvalidRequestError, QueueFullError
 from scheduler.output import EngineCoreOutput, pack_outputs
 from scheduler.token_ids import check_and_pack_token_ids

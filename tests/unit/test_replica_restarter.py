@@ -54,9 +54,11 @@ def lost(replica_id: int) -> Replica:
 
 def test_a_failing_start_is_retried_with_back_off_until_it_succeeds():
     starts, started = Starts(failures=2), Started()
-    restarter = ReplicaRestarter(starts, started, num_replicas=1, backoff_s=(0.01, 0.02))
+    restarter = ReplicaRestarter(starts, started, num_replicas=1, backoff_s=(0.1, 0.2))
+    t0 = time.monotonic()
     restarter.restart_lost([lost(0), Replica(1, scheduler=None, executor=FakeExecutor())])
     assert started.event.wait(WAIT_S)
+    assert time.monotonic() - t0 >= 0.3  # waited 0.1 s after the first failure, 0.2 s after the second
     assert starts.calls == {0: 3}  # two failures, then a start; the live replica 1 is left alone
     assert list(started.replicas) == [0]
     restarter.stop()
