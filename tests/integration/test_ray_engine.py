@@ -1,9 +1,10 @@
 """The engine on local Ray (CPU, tiny model): data and tensor parallel, aborts, lost workers.
 
-One Ray instance for the module (2 CPUs) and two engines: DP=2 over the compiled-graph step path
+One Ray instance for the module (2 CPUs) and three engines: DP=2 over the compiled-graph step path
 with multi-step decoding (num_scheduler_steps 2), and DP=1 x TP=2 over gloo with plain actor calls
 and one pass a step. Every greedy output is compared with the in-process engine (cluster.llm.LLM,
-one pass a step) on the same checkpoint.
+one pass a step) on the same checkpoint. The third has no model: its workers model a device's
+step queue (queued_worker.py), for when a request arriving mid-step is launched.
 """
 import asyncio
 import random
@@ -18,6 +19,7 @@ from cluster.launcher import NAMESPACE, launch_engine, worker_actor_name  # noqa
 from scheduler.errors import EngineDeadError, InvalidRequestError  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 from tests.integration.helpers import REPO_ROOT, wait_for  # noqa: E402
+from tests.integration.queued_worker import STEP_S, QueuedStepsWorker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,16 @@ def dp_engine(tiny_model_dir):
 def tp_engine(tiny_model_dir):
     config = EngineConfig.from_flat(model=str(tiny_model_dir), tensor_parallel_size=2, use_ray=True, **ENGINE_ARGS)
     client, shutdown = launch_engine(config, engine_id="tp2", use_compiled_graph=False, max_restarts=1)
+    yield client
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def queued_engine(tiny_model_dir):
+    """No model: workers whose steps take STEP_S each, queued as on a device (queued_worker.py)."""
+    config = EngineConfig.from_flat(model=str(tiny_model_dir), use_ray=True, **ENGINE_ARGS)
+    client, shutdown = launch_engine(config, engine_id="queued", use_compiled_graph=True,
+                                     worker_cls=QueuedStepsWorker)
     yield client
     shutdown()
 
@@ -291,3 +303,32 @@ def test_offline_llm_with_data_parallel_runs_on_ray(tiny_model_dir, reference):
         text = llm.generate(PROMPTS[0], GREEDY.clone(stop=["zzzz"]), use_tqdm=False)[0].outputs[0]
     assert [o.outputs[0].token_ids for o in outs] == reference
     assert text.token_ids == reference[0] and text.text == llm.tokenizer.decode(reference[0])
+
+
+def test_a_request_arriving_while_steps_run_joins_the_next_step_launched(queued_engine):
+    """Two steps are in flight, one running and one queued behind it. A request that arrives while
+    the scheduler waits on the running one is in the next step launched: the scheduler applies it
+    before that step is scheduled (EngineCore.step's before_submit), not after, which cost a step."""
+    async def run():
+        running = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        stream = await queued_engine.add_request("q-running", PROMPTS[0], running)
+        tokens = 0
+        async for outs in stream:
+            tokens += sum(len(o.new_token_ids) for o in outs)
+            if tokens >= 2:  # decoding, two steps in flight
+                break
+        await asyncio.sleep(STEP_S / 5)  # the queued step has been launched; the running one has 0.08 s left
+        added_at = time.monotonic()
+        late = await queued_engine.add_request("q-late", PROMPTS[1],
+                                               SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        assert [o.finish_reason for o in await late.__anext__()] == ["length"]
+        await queued_engine.abort("q-running")
+        return added_at
+
+    added_at = asyncio.run(run())
+    worker = ray.get_actor(worker_actor_name("queued", 0, 0), namespace=NAMESPACE)
+    launches = ray.get(worker.launch_log.options(concurrency_group="ctrl").remote())
+    late_at = next(t for t, _, new_ids in launches if any(i.startswith("q-late") for i in new_ids))
+    assert any(t < added_at for t, _, _ in launches[1:])  # the running request decoded before it came
+    assert [step_id for t, step_id, _ in launches if added_at < t < late_at] == []
+    ray.get(queued_engine.actor.check_no_leaks.remote())
